@@ -1,0 +1,83 @@
+"""onnxopt: an ONNX graph optimizer that proves every rewrite numerically.
+
+Public API::
+
+    import onnxopt
+    model = onnxopt.load("model.onnx")
+    result = onnxopt.optimize(model, passes="default", verify="end")
+    onnxopt.save(result.model, "out.onnx")
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from onnx import ModelProto
+
+from onnxopt.errors import OnnxoptError, OptionError, VerificationError
+from onnxopt.io import load, save
+from onnxopt.manager import OptimizeResult, PassManager
+from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement
+from onnxopt.pipeline import FixpointGroup
+from onnxopt.registry import all_passes, get_pass, register_pass
+from onnxopt.validate import validate_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FixpointGroup",
+    "OnnxoptError",
+    "OptimizeResult",
+    "OptionError",
+    "Pass",
+    "PassContext",
+    "PassManager",
+    "PassOptions",
+    "PassResult",
+    "Requirement",
+    "VerificationError",
+    "all_passes",
+    "get_pass",
+    "load",
+    "optimize",
+    "register_pass",
+    "save",
+    "validate_model",
+]
+
+
+def optimize(
+    model: ModelProto | str | os.PathLike[str],
+    passes: str | Sequence[Any] = "default",
+    *,
+    target: str = "portable",
+    verify: str = "off",
+    inputs: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    precision: str = "fp32",
+    isolate: bool = True,
+    validate: bool = True,
+) -> OptimizeResult:
+    """Optimize a model (path or ModelProto; a given ModelProto is not modified).
+
+    ``passes`` is a pass string such as ``"cleanup,fold_constants:max_bytes=4096"`` or a
+    list of names, pass instances and :class:`FixpointGroup` objects. ``verify`` is "off",
+    "end" or "each"; verification inputs come from ``inputs`` (.npz path or dict) or are
+    generated from the input specs with ``input_shapes`` for dynamic dimensions.
+    """
+    if isinstance(model, ModelProto):
+        working = ModelProto()
+        working.CopyFrom(model)
+    else:
+        working = load(model)
+    manager = PassManager.from_spec(passes, target=target, verify=verify, isolate=isolate)  # type: ignore[arg-type]
+    warnings = validate_model(working) if validate else []
+    if verify != "off":
+        from onnxopt.verify import Verifier
+
+        manager.verifier = Verifier.from_model(working, inputs=inputs, input_shapes=input_shapes, precision=precision)
+    result = manager.run(working)
+    result.report.warnings[:0] = warnings
+    return result

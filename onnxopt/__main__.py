@@ -1,0 +1,5 @@
+"""``python -m onnxopt`` runs the command-line interface."""
+
+from onnxopt.cli import main
+
+main()

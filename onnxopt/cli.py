@@ -1,0 +1,339 @@
+"""Command-line interface (click).
+
+``onnxopt IN OUT [--passes ...]`` optimizes (the default command); ``onnxopt passes``,
+``onnxopt verify A B`` and ``onnxopt inspect M`` are subcommands. Every user error is one
+line on stderr with a non-zero exit; ``--debug`` shows tracebacks instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from onnxopt.errors import OnnxoptError
+
+log = logging.getLogger("onnxopt")
+
+
+class DefaultGroup(click.Group):
+    """A group whose first argument, when it is not a subcommand, runs ``optimize``."""
+
+    default_command = "optimize"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = [self.default_command, *args]
+        elif not args:
+            args = ["--help"]
+        return super().parse_args(ctx, args)
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING
+    if verbose > 1:
+        level = logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    root = logging.getLogger("onnxopt")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"onnxopt: error: {message}", err=True)
+    sys.exit(code)
+
+
+def run_cli(func, debug: bool) -> None:
+    """Run ``func`` turning every error into one line on stderr (tracebacks with --debug)."""
+    try:
+        func()
+    except OnnxoptError as exc:
+        if debug:
+            raise
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except (click.exceptions.Exit, click.ClickException, SystemExit):
+        raise
+    except Exception as exc:  # a bug: still one line unless debugging
+        if debug:
+            raise
+        text = " ".join(str(exc).split())[:300]
+        _fail(f"internal error ({type(exc).__name__}: {text}); rerun with --debug for the traceback", 70)
+
+
+def _load_checked(path: str, *, validate: bool = True):
+    from onnxopt.io import load
+    from onnxopt.validate import validate_model
+
+    model = load(path)
+    if validate:
+        for warning in validate_model(model):
+            log.warning("%s: %s", path, warning)
+    return model
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="onnxopt")
+def main() -> None:
+    """Optimize ONNX models: onnxopt IN.onnx OUT.onnx [--passes ...].
+
+    Subcommands: passes (list passes and options), verify (compare two models),
+    inspect (statistics of a model). Run 'onnxopt optimize --help' for all options.
+    """
+
+
+def _print_passes() -> None:
+    from onnxopt.registry import PRESETS, all_passes
+
+    out = []
+    for name, cls in all_passes().items():
+        out.append(f"{name}\n    {cls.summary()}")
+        for opt, typ, default in cls.Options.describe():
+            out.append(f"    - {opt}: {typ} = {default}")
+        if cls.requires:
+            out.append(f"    requires: {', '.join(sorted(r.value for r in cls.requires))}")
+    out.append("\npresets:")
+    for name, items in PRESETS.items():
+        flat = [" -> ".join(["(" + ", ".join(i) + ")*" if isinstance(i, list) else i for i in items])]
+        out.append(f"  {name}: {flat[0]}")
+    click.echo("\n".join(out))
+
+
+@main.command("passes")
+def passes_command() -> None:
+    """List every pass with its options and every preset."""
+    run_cli(_print_passes, False)
+
+
+def _list_passes_callback(ctx: click.Context, _param, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        _print_passes()
+        ctx.exit(0)
+
+
+@main.command("optimize")
+@click.argument("input_path", metavar="IN.onnx", type=click.Path(dir_okay=False), required=True)
+@click.argument("output_path", metavar="OUT.onnx", type=click.Path(dir_okay=False), required=True)
+@click.option(
+    "--passes",
+    "-p",
+    default="default",
+    show_default=True,
+    help="Comma-separated passes/presets, e.g. cleanup,fold_constants:max_bytes=4096.",
+)
+@click.option(
+    "--target",
+    type=click.Choice(["portable", "trt", "ort-cpu", "ort-gpu"]),
+    default="portable",
+    show_default=True,
+    help="Back end the passes optimize for.",
+)
+@click.option("--verify", "verify", is_flag=True, help="Compare outputs with the original in onnxruntime; fail past the tolerance.")
+@click.option(
+    "--input-shape", "input_shapes", multiple=True, metavar="NAME:DxD...", help="Shape for a dynamic input (verification), repeatable."
+)
+@click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), help="An .npz with inputs for verification.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the run report as JSON.")
+@click.option("--external-data/--no-external-data", default=None, help="Store weights in OUT.onnx.data (default: only when over 2 GB).")
+@click.option(
+    "--list-passes", is_flag=True, expose_value=False, is_eager=True, callback=_list_passes_callback, help="List passes and exit."
+)
+@click.option("-v", "--verbose", count=True, help="More output (-vv for debug logs).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors.")
+@click.option("--debug", is_flag=True, help="Verify after every pass (naming the first that diverges) and show tracebacks.")
+def optimize_command(
+    input_path, output_path, passes, target, verify, input_shapes, inputs_path, report_path, external_data, verbose, quiet, debug
+) -> None:
+    """Optimize IN.onnx into OUT.onnx (the input file is never modified)."""
+    _setup_logging(verbose, quiet)
+
+    def work() -> None:
+        _optimize(
+            input_path, output_path, passes, target, verify, input_shapes, inputs_path, report_path, external_data, verbose, quiet, debug
+        )
+
+    run_cli(work, debug)
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.exists(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _optimize(
+    input_path, output_path, passes, target, verify, input_shapes, inputs_path, report_path, external_data, verbose, quiet, debug
+) -> None:
+    from onnxopt.io import save
+    from onnxopt.manager import PassManager
+    from onnxopt.pipeline import build_pipeline
+    from onnxopt.verify import Verifier, parse_shape_overrides
+
+    if _same_file(input_path, output_path) or os.path.abspath(input_path) == os.path.abspath(output_path):
+        raise OnnxoptError("OUT.onnx is the input file; the input is never overwritten, choose another path")
+    if output_path and _same_file(f"{input_path}.data", f"{output_path}.data"):
+        raise OnnxoptError("the output's data file would overwrite the input's; choose another path")
+    steps = build_pipeline(passes)  # reject bad pass strings before loading anything
+    shapes = parse_shape_overrides(input_shapes)
+    model = _load_checked(input_path)
+    mode = "each" if debug else ("end" if verify else "off")
+    manager = PassManager(steps, target=target, verify=mode, progress=_progress(quiet))
+    if mode != "off":
+        manager.verifier = Verifier.from_model(model, inputs=inputs_path, input_shapes=shapes)
+    result = manager.run(model)
+    save(result.model, output_path, external_data=external_data)
+    report = result.report
+    if report_path:
+        _write_text(report_path, report.to_json())
+    if not quiet:
+        from onnxopt.report import render
+
+        render(report, _console(), verbose=verbose > 0)
+        if report.verification:
+            click.echo(_verification_line(report.verification), err=True)
+        for warning in report.warnings:
+            log.warning("%s", warning)
+
+
+def _verification_line(data: dict) -> str:
+    outputs = data.get("outputs", [])
+    worst = max((o["max_abs"] for o in outputs), default=0.0)
+    cos = min((o["cosine"] for o in outputs), default=1.0)
+    verdict = "passed" if data.get("passed") else "FAILED"
+    return f"verification {verdict} ({data.get('precision')}): max abs diff {worst:.3g}, min cosine {cos:.6f}"
+
+
+def _write_text(path: str, text: str) -> None:
+    from onnxopt.io import _write_atomic
+
+    _write_atomic(Path(path), [text.encode()])
+
+
+def _progress(quiet: bool):
+    """A progress callback drawing on stderr when it is a terminal; None when piped."""
+    if quiet or not sys.stderr.isatty():
+        return None
+    console = _console()
+    status = console.status("optimizing")
+    status.start()
+
+    def update(name: str, done: int, total: int) -> None:
+        if name:
+            status.update(f"running {name}")
+        elif done >= total:
+            status.stop()
+
+    return update
+
+
+@main.command("verify")
+@click.argument("original", metavar="A.onnx", type=click.Path(dir_okay=False))
+@click.argument("candidate", metavar="B.onnx", type=click.Path(dir_okay=False))
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxD...", help="Shape for a dynamic input, repeatable.")
+@click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), help="An .npz with the inputs.")
+@click.option(
+    "--precision", type=click.Choice(["fp32", "fp16", "int8", "pruned"]), default="fp32", show_default=True, help="Tolerance to apply."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def verify_command(original, candidate, input_shapes, inputs_path, precision, as_json, debug) -> None:
+    """Run A.onnx and B.onnx on the same inputs and compare their outputs (exit 3 if they differ)."""
+    _setup_logging(0, False)
+
+    def work() -> None:
+        from onnxopt.verify import Verifier, parse_shape_overrides
+
+        shapes = parse_shape_overrides(input_shapes)
+        a = _load_checked(original)
+        b = _load_checked(candidate)
+        verifier = Verifier.from_model(a, inputs=inputs_path, input_shapes=shapes, precision=precision)
+        result = verifier.check(b)
+        if as_json:
+            click.echo(json.dumps(result.to_dict(), indent=2, sort_keys=True))
+        else:
+            for note in result.notes:
+                click.echo(f"note: {note}", err=True)
+            for o in result.outputs:
+                top1 = "" if o.top1 is None else f" top1={o.top1:.3f}"
+                mark = "ok" if o.passed else f"FAIL ({o.reason})"
+                click.echo(f"{o.name}: max_abs={o.max_abs:.3g} max_rel={o.max_rel:.3g} cosine={o.cosine:.6f}{top1} {mark}")
+            click.echo(result.summary())
+        if not result.passed:
+            sys.exit(3)
+
+    run_cli(work, debug)
+
+
+@main.command("inspect")
+@click.argument("model_path", metavar="MODEL.onnx", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print statistics as JSON.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def inspect_command(model_path, as_json, debug) -> None:
+    """Print a model's inputs, outputs, opsets and statistics (nodes, parameters, FLOPs, ops)."""
+    _setup_logging(0, False)
+
+    def work() -> None:
+        from onnxopt.analysis import analyze
+        from onnxopt.report import human_bytes, human_count
+        from onnxopt.shapes import infer_types
+
+        model = _load_checked(model_path)
+        stats = analyze(model, infer_types(model))
+        info = {
+            "ir_version": model.ir_version,
+            "opsets": {imp.domain or "ai.onnx": imp.version for imp in model.opset_import},
+            "producer": f"{model.producer_name} {model.producer_version}".strip(),
+            "inputs": [_describe_value(v) for v in _real_inputs(model)],
+            "outputs": [_describe_value(v) for v in model.graph.output],
+            "stats": stats.to_dict(),
+        }
+        if as_json:
+            click.echo(json.dumps(info, indent=2, sort_keys=True))
+            return
+        click.echo(f"{model_path}: IR {info['ir_version']}, opsets {info['opsets']}, producer '{info['producer']}'")
+        for kind in ("inputs", "outputs"):
+            for v in info[kind]:
+                click.echo(f"  {kind[:-1]} {v['name']}: {v['type']}")
+        click.echo(
+            f"  nodes {stats.nodes}, initializers {stats.initializers}, parameters {human_count(stats.parameters)}, "
+            f"size {human_bytes(stats.bytes)}, FLOPs {human_count(stats.flops)}"
+            + (f" ({stats.flops_unknown} nodes with unknown shapes)" if stats.flops_unknown else "")
+        )
+        click.echo("  ops: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.op_types.items(), key=lambda kv: (-kv[1], kv[0]))))
+
+    run_cli(work, debug)
+
+
+def _real_inputs(model):
+    inits = {t.name for t in model.graph.initializer}
+    return [v for v in model.graph.input if v.name not in inits]
+
+
+def _describe_value(value) -> dict:
+    from onnx import helper
+
+    kind = value.type.WhichOneof("value")
+    if kind != "tensor_type":
+        return {"name": value.name, "type": kind or "unknown"}
+    tensor = value.type.tensor_type
+    try:
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+    except (KeyError, ValueError, TypeError):
+        dtype = str(tensor.elem_type)
+    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim] if tensor.HasField("shape") else "?"
+    return {"name": value.name, "type": f"{dtype}{dims}"}

@@ -1,0 +1,41 @@
+"""Exceptions raised for user-facing problems.
+
+Every error a user can cause (a bad file, a bad option, a shape that does not match)
+is an :class:`OnnxoptError` whose message is one readable line. The CLI prints that
+line and exits non-zero; anything else is an internal error.
+"""
+
+from __future__ import annotations
+
+
+class OnnxoptError(Exception):
+    """A problem with the user's input, reported as one line without a traceback."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+class ModelLoadError(OnnxoptError):
+    """The model file is missing, unreadable, corrupt or not ONNX."""
+
+
+class InvalidModelError(OnnxoptError):
+    """The model parsed but violates the ONNX spec (cycles, undefined names, bad types)."""
+
+
+class OptionError(OnnxoptError):
+    """An unknown pass, an unknown option, or an option value that does not validate."""
+
+    exit_code = 2
+
+
+class RequirementError(OnnxoptError):
+    """A pass needs something (calibration data, a target) the run does not provide."""
+
+
+class VerificationError(OnnxoptError):
+    """The optimized model's outputs differ from the original's past the tolerance."""
+
+    exit_code = 3

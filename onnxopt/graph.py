@@ -1,0 +1,228 @@
+"""Read-only views over ONNX graphs, subgraph traversal and safe renaming.
+
+Everything here walks nested graphs (If/Loop/Scan bodies and any other graph
+attribute) with explicit stacks, never Python recursion, so a deeply nested or very
+long model cannot hit the interpreter's recursion limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import onnx
+from onnx import AttributeProto, GraphProto, ModelProto, NodeProto
+
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def is_standard(node: NodeProto) -> bool:
+    """Whether the node belongs to the default ONNX operator domain."""
+    return node.domain in STANDARD_DOMAINS
+
+
+def node_label(node: NodeProto) -> str:
+    """A short human name for a node, for messages: ``'name' (OpType)``."""
+    name = node.name or (node.output[0] if node.output else "<unnamed>")
+    return f"'{name}' ({node.op_type})"
+
+
+def subgraphs(node: NodeProto) -> list[GraphProto]:
+    """The graphs held in a node's attributes (If branches, Loop/Scan bodies, ...)."""
+    found: list[GraphProto] = []
+    for attr in node.attribute:
+        if attr.type == AttributeProto.GRAPH:
+            found.append(attr.g)
+        elif attr.type == AttributeProto.GRAPHS:
+            found.extend(attr.graphs)
+    return found
+
+
+@dataclass
+class GraphScope:
+    """A graph plus where it sits: its parent scope and the node that owns it."""
+
+    graph: GraphProto
+    parent: GraphScope | None = None
+    owner: NodeProto | None = None
+    depth: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """True for the model's top-level graph."""
+        return self.parent is None
+
+
+def iter_scopes(graph: GraphProto) -> list[GraphScope]:
+    """All graphs under ``graph`` (itself first), in pre-order, parents before children."""
+    root = GraphScope(graph)
+    order: list[GraphScope] = []
+    stack = [root]
+    while stack:
+        scope = stack.pop()
+        order.append(scope)
+        children = [GraphScope(sub, scope, node, scope.depth + 1) for node in scope.graph.node for sub in subgraphs(node)]
+        stack.extend(reversed(children))
+    return order
+
+
+def defined_names(graph: GraphProto) -> set[str]:
+    """Names a graph defines itself: inputs, initializers, sparse initializers, node outputs."""
+    names = {i.name for i in graph.input}
+    names.update(t.name for t in graph.initializer)
+    names.update(t.values.name for t in graph.sparse_initializer)
+    for node in graph.node:
+        names.update(o for o in node.output if o)
+    return names
+
+
+def outer_references(graph: GraphProto) -> set[str]:
+    """Names used inside ``graph`` (at any depth) that it does not define itself.
+
+    For a subgraph these are the values it captures from enclosing scopes.
+    """
+    scopes = iter_scopes(graph)
+    free: dict[int, set[str]] = {}
+    for scope in reversed(scopes):  # children before parents
+        own = defined_names(scope.graph)
+        used: set[str] = set()
+        for node in scope.graph.node:
+            used.update(i for i in node.input if i)
+            for sub in subgraphs(node):
+                used |= free[id(sub)]
+        used.update(o.name for o in scope.graph.output)
+        free[id(scope.graph)] = used - own
+    return free[id(graph)]
+
+
+def implicit_inputs(graph: GraphProto) -> dict[int, list[str]]:
+    """For each node of ``graph`` holding subgraphs, the outer names those subgraphs read.
+
+    Keyed by ``id(node)`` (callers keep the node objects alive while they use the
+    result); the lists are sorted for determinism.
+    """
+    result: dict[int, list[str]] = {}
+    for node in graph.node:
+        subs = subgraphs(node)
+        if subs:
+            names: set[str] = set()
+            for sub in subs:
+                names |= outer_references(sub)
+            result[id(node)] = sorted(names)
+    return result
+
+
+@dataclass
+class GraphView:
+    """Producer and consumer indexes over one graph, built once and read by passes.
+
+    Consumers include nodes whose subgraphs read a value implicitly, so a value used only
+    inside an If branch still counts as used. Build a new view after mutating the graph.
+    """
+
+    graph: GraphProto
+    nodes: list[NodeProto] = field(default_factory=list)
+    producer: dict[str, NodeProto] = field(default_factory=dict)
+    consumers: dict[str, list[NodeProto]] = field(default_factory=dict)
+    implicit: dict[int, list[str]] = field(default_factory=dict)
+    initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
+    graph_inputs: set[str] = field(default_factory=set)
+    graph_outputs: set[str] = field(default_factory=set)
+
+    @classmethod
+    def build(cls, graph: GraphProto) -> GraphView:
+        """Index ``graph``."""
+        view = cls(graph, nodes=list(graph.node))
+        view.implicit = implicit_inputs(graph)
+        view.initializers = {t.name: t for t in graph.initializer}
+        view.graph_inputs = {i.name for i in graph.input}
+        view.graph_outputs = {o.name for o in graph.output}
+        for node in view.nodes:
+            for out in node.output:
+                if out:
+                    view.producer[out] = node
+            for name in view.all_inputs(node):
+                view.consumers.setdefault(name, []).append(node)
+        return view
+
+    def all_inputs(self, node: NodeProto) -> list[str]:
+        """A node's explicit non-empty inputs followed by its subgraphs' implicit inputs."""
+        names = [i for i in node.input if i]
+        names.extend(self.implicit.get(id(node), ()))
+        return names
+
+    def is_constant(self, name: str) -> bool:
+        """True for initializers that are not also graph inputs (those can be overridden)."""
+        return name in self.initializers and name not in self.graph_inputs
+
+    def uses(self, name: str) -> int:
+        """How many places read ``name``: node inputs plus graph outputs."""
+        return len(self.consumers.get(name, ())) + (name in self.graph_outputs)
+
+
+def replace_input_everywhere(graph: GraphProto, old: str, new: str) -> int:
+    """Make every reader of ``old`` in ``graph`` and its subgraphs read ``new`` instead.
+
+    Graph outputs are not touched (their names are part of the model's interface).
+    Returns how many inputs were rewritten.
+    """
+    count = 0
+    for scope in iter_scopes(graph):
+        if scope.parent is not None and old in defined_names(scope.graph):
+            continue  # shadowed in this subgraph (not valid SSA, but be safe)
+        for node in scope.graph.node:
+            for idx, name in enumerate(node.input):
+                if name == old:
+                    node.input[idx] = new
+                    count += 1
+        if scope.parent is not None:
+            for out in scope.graph.output:
+                if out.name == old:
+                    out.name = new
+                    count += 1
+    return count
+
+
+def all_names(model: ModelProto) -> set[str]:
+    """Every value name used anywhere in the model, for generating fresh names."""
+    names: set[str] = set()
+    for scope in iter_scopes(model.graph):
+        g = scope.graph
+        names |= defined_names(g)
+        names.update(o.name for o in g.output)
+        names.update(v.name for v in g.value_info)
+        for node in g.node:
+            names.update(node.input)
+    return names
+
+
+class NameGenerator:
+    """Deterministic fresh names that never collide with names in the model."""
+
+    def __init__(self, model: ModelProto) -> None:
+        self._taken = all_names(model)
+        self._taken.update(n.name for s in iter_scopes(model.graph) for n in s.graph.node)
+
+    def fresh(self, base: str) -> str:
+        """Return ``base`` if free, else ``base_1``, ``base_2``, ... and reserve it."""
+        name, counter = base, 0
+        while name in self._taken:
+            counter += 1
+            name = f"{base}_{counter}"
+        self._taken.add(name)
+        return name
+
+
+def iter_nodes(model: ModelProto) -> Iterator[NodeProto]:
+    """Every node of the model, in all graphs."""
+    for scope in iter_scopes(model.graph):
+        yield from scope.graph.node
+
+
+def opset_version(model: ModelProto, domain: str = "") -> int | None:
+    """The model's imported opset version for ``domain`` ('' and 'ai.onnx' are the same)."""
+    wanted = "" if domain in STANDARD_DOMAINS else domain
+    for imp in model.opset_import:
+        if (imp.domain if imp.domain not in STANDARD_DOMAINS else "") == wanted:
+            return imp.version
+    return None

@@ -1,0 +1,32 @@
+"""Lazy access to onnxruntime with a clear message when it is missing."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from onnxopt.errors import OnnxoptError
+
+
+def import_onnxruntime() -> ModuleType:
+    """Return the onnxruntime module or raise a one-line error naming the extra to install."""
+    try:
+        import onnxruntime
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise OnnxoptError(f"onnxruntime is not installed: install onnxopt[cpu] (or onnxopt[gpu]) to run models ({exc})") from exc
+    return onnxruntime
+
+
+def make_session(model_bytes: bytes, *, optimize: bool = False, threads: int = 1):
+    """Create a CPU InferenceSession from serialized model bytes.
+
+    Graph optimizations are off by default so the session computes exactly what the
+    graph says; the session is single threaded unless ``threads`` says otherwise.
+    """
+    ort = import_onnxruntime()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])

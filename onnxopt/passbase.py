@@ -1,0 +1,227 @@
+"""The pass contract: options, requirements, results, and the base class.
+
+A pass is a small class with a registered ``name``, a typed :class:`PassOptions`
+dataclass, a docstring (its first line is what ``onnxopt passes`` prints), the
+requirements the manager must provide, and a ``run`` that returns a :class:`PassResult`
+saying whether the model changed and counting what it did.
+
+Most passes work graph by graph: they implement :meth:`Pass.run_graph` and the
+framework calls it for every graph in the model, innermost subgraphs first, so no
+pass has to recurse into If/Loop/Scan bodies itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import typing
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, get_args, get_origin
+
+from onnx import ModelProto
+
+from onnxopt.errors import OptionError
+from onnxopt.graph import GraphScope, NameGenerator, iter_scopes
+
+
+class Requirement(str, enum.Enum):
+    """What a pass needs the manager to provide before it runs."""
+
+    SHAPES = "shapes"
+    CALIBRATION = "calibration"
+    TARGET = "target"
+
+
+Target = Literal["portable", "trt", "ort-cpu", "ort-gpu"]
+TARGETS: tuple[str, ...] = get_args(Target)
+
+
+@dataclass
+class PassResult:
+    """What one run of a pass did: whether it modified the model, and counts by kind."""
+
+    modified: bool = False
+    counts: Counter = field(default_factory=Counter)
+    notes: list[str] = field(default_factory=list)
+
+    def count(self, what: str, amount: int = 1) -> None:
+        """Record ``amount`` changes of kind ``what`` (and mark the result modified)."""
+        if amount:
+            self.counts[what] += amount
+            self.modified = True
+
+    def merge(self, other: PassResult) -> PassResult:
+        """Add another result's counts and notes into this one; return self."""
+        self.modified = self.modified or other.modified
+        self.counts.update(other.counts)
+        self.notes.extend(other.notes)
+        return self
+
+    def summary(self) -> str:
+        """Counts as ``what=n`` pairs, or 'no change'."""
+        if not self.counts:
+            return "no change"
+        return ", ".join(f"{key}={value}" for key, value in sorted(self.counts.items()))
+
+
+@dataclass
+class PassContext:
+    """What the manager gives a pass: the run's settings and lazily computed facts.
+
+    ``types`` holds inferred value types for every graph; the manager recomputes them after
+    a pass that modified the model unless that pass declares ``preserves_types``.
+    """
+
+    model: ModelProto
+    target: str = "portable"
+    _types: dict | None = None
+    _names: NameGenerator | None = None
+
+    @property
+    def types(self) -> dict:
+        """Inferred types by value name (see :func:`onnxopt.shapes.infer_types`)."""
+        if self._types is None:
+            from onnxopt.shapes import infer_types
+
+            self._types = infer_types(self.model)
+        return self._types
+
+    @property
+    def names(self) -> NameGenerator:
+        """Generator of fresh value/node names, valid for this model."""
+        if self._names is None:
+            self._names = NameGenerator(self.model)
+        return self._names
+
+    def invalidate(self, *, types: bool = True) -> None:
+        """Forget cached facts after the model changed."""
+        if types:
+            self._types = None
+        self._names = None
+
+
+@dataclass
+class PassOptions:
+    """Base class of pass options: a dataclass whose fields have types and defaults.
+
+    Subclasses may override :meth:`validate` to check values; it must raise
+    :class:`OptionError` with one line naming the option.
+    """
+
+    def validate(self) -> None:
+        """Check option values; raise :class:`OptionError` for a bad one."""
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str, str]]:
+        """(name, type, default) for every option, for help output."""
+        hints = typing.get_type_hints(cls)
+        rows = []
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            rows.append((f.name, _type_name(hints[f.name]), repr(default)))
+        return rows
+
+    @classmethod
+    def from_strings(cls, pass_name: str, values: dict[str, str]) -> PassOptions:
+        """Build options from ``key=value`` strings, converting each by its declared type."""
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, raw in values.items():
+            attr = key.replace("-", "_")
+            if attr not in fields:
+                known = ", ".join(sorted(fields)) or "none"
+                raise OptionError(f"pass '{pass_name}' has no option '{key}' (options: {known})")
+            kwargs[attr] = convert_option(pass_name, key, raw, hints[attr])
+        return cls.create(pass_name, **kwargs)
+
+    @classmethod
+    def create(cls, pass_name: str, **kwargs: Any) -> PassOptions:
+        """Build and validate options from Python values."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise OptionError(f"pass '{pass_name}' has no option '{unknown[0]}' (options: {', '.join(sorted(names)) or 'none'})")
+        options = cls(**kwargs)
+        options.validate()
+        return options
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "|".join(str(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def convert_option(pass_name: str, key: str, raw: str, tp: Any) -> Any:
+    """Convert one option string to the declared type ``tp`` or raise :class:`OptionError`."""
+    where = f"option '{key}' of pass '{pass_name}'"
+    if get_origin(tp) is Literal:
+        choices = [str(a) for a in get_args(tp)]
+        if raw not in choices:
+            raise OptionError(f"{where} must be one of {', '.join(choices)}, not '{raw}'")
+        return raw
+    if tp is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise OptionError(f"{where} must be true or false, not '{raw}'")
+    if tp in (int, float):
+        try:
+            return tp(raw)
+        except ValueError:
+            raise OptionError(f"{where} must be a{'n integer' if tp is int else ' number'}, not '{raw}'") from None
+    if tp is str:
+        return raw
+    if get_origin(tp) in (tuple, list):
+        return tuple(part for part in raw.replace(";", "|").split("|") if part)
+    raise OptionError(f"{where} has an unsupported type {tp!r}")
+
+
+class Pass:
+    """Base class of every pass. Subclasses set ``name`` and implement ``run_graph`` or ``run``.
+
+    Class attributes state the contract:
+      * ``Options``: the options dataclass (default: none).
+      * ``requires``: :class:`Requirement` values the manager must provide.
+      * ``preserves_types``: post-condition; every value that survives keeps its type and
+        shape, so the manager may keep its cached type inference.
+      * ``recurse``: whether ``run_graph`` is called for subgraphs too.
+    """
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type[PassOptions]] = PassOptions
+    requires: ClassVar[frozenset[Requirement]] = frozenset()
+    preserves_types: ClassVar[bool] = True
+    recurse: ClassVar[bool] = True
+
+    def __init__(self, options: PassOptions | None = None, **kwargs: Any) -> None:
+        if options is not None and kwargs:
+            raise OptionError(f"pass '{self.name}': give options or keyword options, not both")
+        self.options = options if options is not None else self.Options.create(self.name, **kwargs)
+
+    @classmethod
+    def summary(cls) -> str:
+        """The first line of the pass's docstring."""
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def run(self, model: ModelProto, ctx: PassContext) -> PassResult:
+        """Run on the whole model; by default calls :meth:`run_graph` on every graph, innermost first."""
+        result = PassResult()
+        scopes = iter_scopes(model.graph)
+        if not self.recurse:
+            scopes = scopes[:1]
+        for scope in reversed(scopes):
+            result.merge(self.run_graph(scope, ctx))
+        return result
+
+    def run_graph(self, scope: GraphScope, ctx: PassContext) -> PassResult:
+        """Rewrite one graph in place; override this (or :meth:`run`)."""
+        raise NotImplementedError(f"pass '{self.name}' implements neither run nor run_graph")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options})"

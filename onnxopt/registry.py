@@ -1,0 +1,84 @@
+"""Pass registry: built-in passes, third-party passes from entry points, and presets."""
+
+from __future__ import annotations
+
+import logging
+from importlib import metadata
+
+from onnxopt.errors import OptionError
+from onnxopt.passbase import Pass
+
+log = logging.getLogger("onnxopt")
+
+ENTRY_POINT_GROUP = "onnxopt.passes"
+
+_REGISTRY: dict[str, type[Pass]] = {}
+_LOADED = False
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator that registers a pass under its ``name``."""
+    if not cls.name or not cls.name.replace("_", "").isalnum():
+        raise ValueError(f"pass class {cls.__name__} needs a name of letters, digits and '_'")
+    existing = _REGISTRY.get(cls.name)
+    if existing is not None and existing is not cls:
+        raise ValueError(f"two passes are named '{cls.name}': {existing.__module__} and {cls.__module__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    import onnxopt.passes  # noqa: F401  (registers the built-in passes)
+
+    for entry in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        try:
+            obj = entry.load()
+        except Exception as exc:  # a broken plugin must not break the tool
+            log.warning("could not load pass plugin '%s': %s", entry.name, exc)
+            continue
+        if isinstance(obj, type) and issubclass(obj, Pass):
+            register_pass(obj)
+        else:
+            log.warning("pass plugin '%s' is not a Pass subclass; ignored", entry.name)
+
+
+def get_pass(name: str) -> type[Pass]:
+    """The pass class registered as ``name``; raises :class:`OptionError` if none is."""
+    _load()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        from difflib import get_close_matches
+
+        hint = get_close_matches(name, list(_REGISTRY) + list(PRESETS), n=1)
+        suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise OptionError(f"unknown pass '{name}'{suggestion}; run 'onnxopt passes' for the list") from None
+
+
+def all_passes() -> dict[str, type[Pass]]:
+    """Every registered pass by name, sorted."""
+    _load()
+    return dict(sorted(_REGISTRY.items()))
+
+
+# Presets: a name standing for a pipeline. A list inside the list is a fixpoint group,
+# run repeatedly until no pass in it changes the model.
+CLEANUP = [
+    [
+        "eliminate_noops",
+        "fold_constants",
+        "lift_constants",
+        "dedupe_initializers",
+        "eliminate_common_subexpressions",
+        "eliminate_dead_code",
+    ],
+    "sort_topologically",
+]
+PRESETS: dict[str, list] = {
+    "cleanup": CLEANUP,
+    "default": CLEANUP,
+}

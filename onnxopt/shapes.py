@@ -1,0 +1,127 @@
+"""Shape inference that degrades gracefully and never copies large weights.
+
+onnx's inference runs on a *light copy* of the model in which large initializers are
+turned into typed graph inputs (their values are never needed for shapes; small ones,
+which may be shape tensors, are kept). If inference fails on the whole model it is
+retried with fewer features, and at worst returns what the model already declares.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx
+from onnx import ModelProto, TypeProto, helper
+
+from onnxopt.graph import iter_scopes
+
+log = logging.getLogger("onnxopt")
+
+SMALL_TENSOR_ELEMENTS = 4096
+
+
+def _numel(dims) -> int:
+    count = 1
+    for d in dims:
+        count *= d
+    return count
+
+
+def light_copy(model: ModelProto) -> ModelProto:
+    """A copy of ``model`` whose large main-graph initializers are typed inputs instead."""
+    copy = ModelProto()
+    copy.CopyFrom(model) if model.ByteSize() < (1 << 26) else _copy_without_weights(model, copy)
+    graph = copy.graph
+    inputs = {i.name for i in graph.input}
+    keep = []
+    for tensor in graph.initializer:
+        if _numel(tensor.dims) <= SMALL_TENSOR_ELEMENTS and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            keep.append(tensor)
+            continue
+        if tensor.name not in inputs:
+            graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    if len(keep) != len(graph.initializer):
+        kept = [onnx.TensorProto() for _ in keep]
+        for dst, src in zip(kept, keep):
+            dst.CopyFrom(src)
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    return copy
+
+
+def _copy_without_weights(model: ModelProto, copy: ModelProto) -> None:
+    """Copy everything but large main-graph initializer payloads (kept as empty typed stubs)."""
+    saved = model.graph.initializer
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(copy, field, getattr(model, field))
+    copy.opset_import.extend(model.opset_import)
+    copy.functions.extend(model.functions)
+    copy.metadata_props.extend(model.metadata_props)
+    graph = copy.graph
+    src = model.graph
+    graph.name = src.name
+    graph.node.extend(src.node)
+    graph.input.extend(src.input)
+    graph.output.extend(src.output)
+    graph.value_info.extend(src.value_info)
+    graph.sparse_initializer.extend(src.sparse_initializer)
+    for tensor in saved:
+        if _numel(tensor.dims) <= SMALL_TENSOR_ELEMENTS:
+            graph.initializer.append(tensor)
+        else:
+            stub = graph.initializer.add()
+            stub.name = tensor.name
+            stub.data_type = tensor.data_type
+            stub.dims.extend(tensor.dims)
+            stub.data_location = onnx.TensorProto.EXTERNAL
+
+
+def _collect(model: ModelProto) -> dict[str, TypeProto]:
+    types: dict[str, TypeProto] = {}
+    for scope in iter_scopes(model.graph):
+        graph = scope.graph
+        for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+            if value.type.WhichOneof("value") is not None:
+                types.setdefault(value.name, value.type)
+        for tensor in graph.initializer:
+            if tensor.name not in types:
+                types[tensor.name] = helper.make_tensor_type_proto(tensor.data_type, list(tensor.dims))
+    return types
+
+
+def infer_types(model: ModelProto) -> dict[str, TypeProto]:
+    """Inferred types of every named value (all graphs); missing names are unknown.
+
+    Tries full inference with data propagation, then without it, then returns only what the
+    model already declares; failures are logged at debug level, never raised.
+    """
+    light = light_copy(model)
+    for data_prop in (True, False):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=data_prop)
+            return _collect(inferred)
+        except Exception as exc:  # onnx raises many types; degrade instead
+            log.debug("shape inference (data_prop=%s) failed: %s", data_prop, exc)
+    return _collect(model)
+
+
+def static_shape(type_proto: TypeProto | None) -> tuple[int, ...] | None:
+    """The fully known shape of a tensor type, or None if unknown or symbolic."""
+    if type_proto is None or type_proto.WhichOneof("value") != "tensor_type":
+        return None
+    tensor_type = type_proto.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    dims = []
+    for dim in tensor_type.shape.dim:
+        if not dim.HasField("dim_value") or dim.dim_value < 0:
+            return None
+        dims.append(dim.dim_value)
+    return tuple(dims)
+
+
+def elem_type(type_proto: TypeProto | None) -> int | None:
+    """The element type of a tensor type, or None."""
+    if type_proto is None or type_proto.WhichOneof("value") != "tensor_type":
+        return None
+    return type_proto.tensor_type.elem_type or None

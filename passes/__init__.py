@@ -1,0 +1,11 @@
+"""Built-in passes, one module per family; importing this package registers them."""
+
+from onnxopt.passes import (  # noqa: F401
+    constants,
+    cse,
+    dead_code,
+    fold_constants,
+    noops,
+    shape_inference,
+    topological_sort,
+)

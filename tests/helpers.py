@@ -1,0 +1,72 @@
+"""Shared test helpers: building small models and checking outputs in onnxruntime."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime  # noqa: F401  (a missing onnxruntime is an error, never a skip)
+from onnx import ModelProto, TensorProto, helper, numpy_helper
+
+import onnxopt
+from onnxopt.verify import compare_outputs, generate_inputs, run_model
+
+DEFAULT_OPSET = 17
+
+
+def make_model(
+    nodes: Sequence[onnx.NodeProto],
+    inputs: Sequence[onnx.ValueInfoProto],
+    outputs: Sequence[onnx.ValueInfoProto],
+    initializers: Sequence[TensorProto] = (),
+    *,
+    opset: int = DEFAULT_OPSET,
+    ir_version: int = 8,
+    name: str = "test",
+) -> ModelProto:
+    """A checked model from parts."""
+    graph = helper.make_graph(list(nodes), name, list(inputs), list(outputs), list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
+    onnx.checker.check_model(model)
+    return model
+
+
+def tensor_input(name: str, shape: Sequence[int | str | None], dtype: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
+    """A tensor value_info."""
+    return helper.make_tensor_value_info(name, dtype, list(shape))
+
+
+def init(name: str, array: Any) -> TensorProto:
+    """An initializer from a numpy array."""
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+def run_pass(model: ModelProto, passes: str | Sequence[Any]) -> onnxopt.OptimizeResult:
+    """Optimize a copy of ``model`` with ``passes`` without fault isolation (so bugs raise)."""
+    return onnxopt.optimize(model, passes, isolate=False)
+
+
+def assert_equivalent(
+    original: ModelProto,
+    optimized: ModelProto,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    *,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    precision: str = "fp32",
+) -> None:
+    """Run both models in onnxruntime on the same inputs and require equal outputs."""
+    onnx.checker.check_model(optimized)
+    if feeds is None:
+        feeds, _ = generate_inputs(original, input_shapes)
+    reference = run_model(original, feeds)
+    candidate = run_model(optimized, feeds)
+    assert list(candidate) == list(reference), "output names or order changed"
+    result = compare_outputs(reference, candidate, precision)
+    assert result.passed, result.failures()
+
+
+def op_types(model: ModelProto) -> list[str]:
+    """The op types of the main graph's nodes, in order."""
+    return [n.op_type for n in model.graph.node]
