@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from onnxopt.errors import OnnxoptError
+from onnxopt.errors import InvalidModelError, OnnxoptError
 
 log = logging.getLogger("onnxopt")
 
@@ -81,7 +81,11 @@ def _load_checked(path: str, *, validate: bool = True):
 
     model = load(path)
     if validate:
-        for warning in validate_model(model):
+        try:
+            warnings = validate_model(model)
+        except InvalidModelError as exc:
+            raise InvalidModelError(f"{path}: {exc}") from exc
+        for warning in warnings:
             log.warning("%s: %s", path, warning)
     return model
 

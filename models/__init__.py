@@ -1,0 +1,1 @@
+"""Test models: small builders (models.build) and real models from PyPI wheels (models.real)."""

@@ -1,0 +1,130 @@
+"""The command line: the optimize default command, subcommands, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from helpers import assert_equivalent, init, make_model, tensor_input
+from onnx import helper
+
+from onnxopt.cli import main
+
+
+@pytest.fixture()
+def model_path(tmp_path):
+    model = make_model(
+        [
+            helper.make_node("Relu", ["x"], ["a"]),
+            helper.make_node("Add", ["a", "w"], ["b"]),
+            helper.make_node("Sigmoid", ["x"], ["unused"]),
+            helper.make_node("Identity", ["b"], ["y"]),
+        ],
+        [tensor_input("x", ["N", 3])],
+        [tensor_input("y", ["N", 3])],
+        [init("w", np.ones((3,), np.float32))],
+    )
+    path = tmp_path / "in.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_optimize_writes_a_verified_model_and_report(model_path, tmp_path):
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    before = model_path.read_bytes()
+    result = _run(model_path, out, "--passes", "eliminate_dead_code", "--verify", "--input-shape", "x:2x3", "--report", report)
+    assert result.exit_code == 0, result.output
+    assert model_path.read_bytes() == before
+    assert_equivalent(onnx.load(str(model_path)), onnx.load(str(out)), input_shapes={"x": (2, 3)})
+    data = json.loads(report.read_text())
+    assert data["passes"][0]["counts"] == {"nodes": 1}
+    assert data["verification"]["passed"] is True
+
+
+def test_same_input_gives_byte_identical_output(model_path, tmp_path):
+    outs = [tmp_path / "a.onnx", tmp_path / "b.onnx"]
+    for out in outs:
+        assert _run(model_path, out, "-q").exit_code == 0
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--passes", "no_such_pass"], "unknown pass 'no_such_pass'"),
+        (["--passes", "eliminate_dead_code:bogus=1"], "has no option 'bogus'"),
+        (["--input-shape", "x:2xq", "--verify"], "bad --input-shape"),
+    ],
+)
+def test_bad_options_fail_in_one_line_without_output(model_path, tmp_path, args, message):
+    out = tmp_path / "out.onnx"
+    result = _run(model_path, out, *args)
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_refuses_to_overwrite_the_input(model_path):
+    result = _run(model_path, model_path)
+    assert result.exit_code != 0 and "never overwritten" in result.output
+
+
+def test_subprocess_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00garbage" * 10)
+    proc = subprocess.run([sys.executable, "-m", "onnxopt", str(bad), str(tmp_path / "o.onnx")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and "not a valid ONNX model" in proc.stderr
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_invalid_model_names_the_file(tmp_path):
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["a"])], "g", [tensor_input("x", [2])], [tensor_input("y", [2])])
+    path = tmp_path / "dangling.onnx"
+    path.write_bytes(helper.make_model(graph).SerializeToString())
+    result = _run(path, tmp_path / "o.onnx")
+    assert result.exit_code == 1
+    assert "dangling.onnx: graph output 'y' is not produced" in result.output
+
+
+def test_passes_listing():
+    result = _run("passes")
+    assert result.exit_code == 0
+    assert "eliminate_dead_code" in result.output and "presets:" in result.output
+    assert _run("x.onnx", "y.onnx", "--list-passes").output == result.output
+
+
+def test_verify_subcommand(model_path, tmp_path):
+    other = make_model([helper.make_node("Sigmoid", ["x"], ["y"])], [tensor_input("x", ["N", 3])], [tensor_input("y", ["N", 3])])
+    other_path = tmp_path / "other.onnx"
+    onnx.save(other, str(other_path))
+    same = _run("verify", model_path, model_path, "--input-shape", "x:4x3")
+    assert same.exit_code == 0 and "passed" in same.output
+    diff = _run("verify", model_path, other_path, "--json")
+    assert diff.exit_code == 3
+    assert json.loads(diff.output)["passed"] is False
+
+
+def test_inspect(model_path):
+    result = _run("inspect", model_path)
+    assert result.exit_code == 0
+    assert "nodes 4" in result.output and "Relu=1" in result.output
+    data = json.loads(_run("inspect", model_path, "--json").output)
+    assert data["stats"]["nodes"] == 4 and data["inputs"][0]["name"] == "x"
+
+
+def test_external_data_option(model_path, tmp_path):
+    out = tmp_path / "ext.onnx"
+    assert _run(model_path, out, "-q", "--passes", "eliminate_dead_code", "--external-data").exit_code == 0
+    # the tiny weights stay inline (below the threshold) but the flag is accepted and the model loads
+    assert onnx.load(str(out)) is not None

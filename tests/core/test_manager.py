@@ -1,0 +1,187 @@
+"""The PassManager: fixpoint groups, fault isolation, verification modes, the report."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import init, make_model, tensor_input
+from onnx import helper
+
+import onnxopt
+from onnxopt.errors import OnnxoptError, VerificationError
+from onnxopt.graph import GraphScope
+from onnxopt.manager import PassManager
+from onnxopt.passbase import Pass, PassContext, PassResult
+from onnxopt.pipeline import FixpointGroup
+
+
+def _chain_model():
+    return make_model(
+        [
+            helper.make_node("Relu", ["x"], ["a"]),
+            helper.make_node("Add", ["a", "w"], ["b"]),
+            helper.make_node("Sigmoid", ["x"], ["unused"]),
+            helper.make_node("Identity", ["b"], ["y"]),
+        ],
+        [tensor_input("x", [2, 3])],
+        [tensor_input("y", [2, 3])],
+        [init("w", np.ones((2, 3), np.float32)), init("dead", np.zeros(4, np.float32))],
+    )
+
+
+class RemoveOneRelu(Pass):
+    """Test pass: turns one Relu into Identity per run, to exercise fixpoint iteration."""
+
+    name = "test_remove_one_relu"
+
+    def run_graph(self, scope: GraphScope, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        for node in scope.graph.node:
+            if node.op_type == "Relu":
+                node.op_type = "Identity"
+                result.count("relu")
+                break
+        return result
+
+
+class Crashes(Pass):
+    """Test pass: mutates the graph, then raises (a pass bug)."""
+
+    name = "test_crashes"
+
+    def run_graph(self, scope: GraphScope, ctx: PassContext) -> PassResult:
+        del scope.graph.node[:]
+        raise RuntimeError("bug in pass")
+
+
+class BreaksGraph(Pass):
+    """Test pass: leaves a dangling reference behind."""
+
+    name = "test_breaks_graph"
+
+    def run_graph(self, scope: GraphScope, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        scope.graph.node[0].input[0] = "does_not_exist"
+        result.count("broken")
+        return result
+
+
+class ChangesNumbers(Pass):
+    """Test pass: a wrong rewrite (Relu becomes Sigmoid)."""
+
+    name = "test_changes_numbers"
+
+    def run_graph(self, scope: GraphScope, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        for node in scope.graph.node:
+            if node.op_type == "Relu":
+                node.op_type = "Sigmoid"
+                result.count("wrong")
+        return result
+
+
+def test_fixpoint_group_repeats_until_stable():
+    nodes = [helper.make_node("Relu", ["x" if i == 0 else f"r{i}"], [f"r{i + 1}"]) for i in range(3)]
+    nodes.append(helper.make_node("Identity", ["r3"], ["y"]))
+    model = make_model(nodes, [tensor_input("x", [2])], [tensor_input("y", [2])])
+    result = PassManager([FixpointGroup([RemoveOneRelu()], max_iterations=10)]).run(model)
+    iterations = [r.iteration for r in result.report.passes]
+    assert iterations == [1, 2, 3, 4]
+    assert [r.status for r in result.report.passes] == ["changed"] * 3 + ["unchanged"]
+    assert all(n.op_type == "Identity" for n in model.graph.node)
+
+
+def test_fixpoint_cap_warns():
+    nodes = [helper.make_node("Relu", ["x" if i == 0 else f"r{i}"], [f"r{i + 1}"]) for i in range(5)]
+    model = make_model(nodes, [tensor_input("x", [2])], [tensor_input("r5", [2])])
+    result = PassManager([FixpointGroup([RemoveOneRelu()], name="g", max_iterations=2)]).run(model)
+    assert any("still changing after 2" in w for w in result.report.warnings)
+
+
+@pytest.mark.parametrize("bad_pass", [Crashes(), BreaksGraph()], ids=["raises", "breaks-graph"])
+def test_failing_pass_is_rolled_back_and_the_rest_runs(bad_pass):
+    model = _chain_model()
+    before = model.SerializeToString()
+    result = onnxopt.optimize(model, [bad_pass, "eliminate_dead_code"])
+    statuses = {r.name: r.status for r in result.report.passes}
+    assert statuses[bad_pass.name] == "rolled back"
+    assert statuses["eliminate_dead_code"] == "changed"
+    assert "Sigmoid" not in [n.op_type for n in result.model.graph.node]
+    assert any(bad_pass.name in w for w in result.report.warnings)
+    assert model.SerializeToString() == before, "optimize must not modify the caller's model"
+
+
+def test_without_isolation_a_failing_pass_raises():
+    with pytest.raises(OnnxoptError, match="too large to roll back|test_crashes"):
+        PassManager([Crashes()], isolate=False).run(_chain_model())
+
+
+def test_verify_each_names_the_diverging_pass():
+    with pytest.raises(VerificationError, match="pass 'test_changes_numbers'"):
+        onnxopt.optimize(_chain_model(), ["eliminate_dead_code", ChangesNumbers()], verify="each")
+
+
+def test_verify_end_passes_for_a_correct_pipeline():
+    result = onnxopt.optimize(_chain_model(), "lift_constants,eliminate_dead_code", verify="end")
+    assert result.report.verification["passed"] is True
+
+
+def test_report_records_counts_and_stats():
+    result = onnxopt.optimize(_chain_model(), "eliminate_dead_code")
+    (record,) = result.report.passes
+    assert record.counts == {"nodes": 1, "initializers": 1}
+    assert record.nodes == 3 and record.initializers == 1
+    assert result.report.before.nodes == 4 and result.report.after.nodes == 3
+    data = result.report.to_dict()
+    assert data["passes"][0]["name"] == "eliminate_dead_code"
+
+
+def test_unknown_target_and_verify_mode():
+    with pytest.raises(OnnxoptError, match="unknown target"):
+        PassManager([], target="tpu")
+    with pytest.raises(OnnxoptError, match="verify mode"):
+        PassManager([], verify="sometimes")  # type: ignore[arg-type]
+
+
+def test_register_third_party_pass():
+    from onnxopt.registry import get_pass, register_pass
+
+    @register_pass
+    class ThirdParty(Pass):
+        """A plugin pass."""
+
+        name = "test_third_party"
+
+        def run_graph(self, scope, ctx):
+            return PassResult()
+
+    assert get_pass("test_third_party") is ThirdParty
+    with pytest.raises(ValueError, match="two passes"):
+
+        @register_pass
+        class Clash(Pass):
+            name = "test_third_party"
+
+
+def test_passes_recurse_into_subgraphs_innermost_first():
+    seen: list[str] = []
+
+    class Record(Pass):
+        name = "test_record"
+
+        def run_graph(self, scope, ctx):
+            seen.append(scope.graph.name)
+            return PassResult()
+
+    inner = helper.make_graph([helper.make_node("Relu", ["x"], ["t"])], "inner", [], [tensor_input("t", [2])])
+    outer_then = helper.make_graph(
+        [helper.make_node("If", ["c"], ["u"], then_branch=inner, else_branch=inner)], "then", [], [tensor_input("u", [2])]
+    )
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [], [tensor_input("e", [2])])
+    model = make_model(
+        [helper.make_node("If", ["c"], ["y"], then_branch=outer_then, else_branch=other)],
+        [tensor_input("x", [2]), tensor_input("c", [], 9)],
+        [tensor_input("y", [2])],
+    )
+    PassManager([Record()]).run(model)
+    assert seen[-1] == "test" and seen.index("inner") < seen.index("then")

@@ -1,0 +1,82 @@
+"""Verification: input generation, shape overrides, metrics and tolerances."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import make_model, tensor_input
+from onnx import TensorProto, helper
+
+from onnxopt.errors import OnnxoptError
+from onnxopt.verify import Verifier, compare_outputs, generate_inputs, parse_shape_overrides, verify_models
+
+
+def _model(op="Relu"):
+    return make_model([helper.make_node(op, ["x"], ["y"])], [tensor_input("x", ["N", 10])], [tensor_input("y", ["N", 10])])
+
+
+def test_shape_overrides():
+    assert parse_shape_overrides(["x:1x3x224x224", "a:b:2"]) == {"x": (1, 3, 224, 224), "a:b": (2,)}
+    for bad in ["x", "x:1xa", "x:-1"]:
+        with pytest.raises(OnnxoptError):
+            parse_shape_overrides([bad])
+
+
+def test_generated_inputs_use_overrides_and_note_guesses():
+    feeds, notes = generate_inputs(_model(), {"x": (4, 10)})
+    assert feeds["x"].shape == (4, 10) and feeds["x"].dtype == np.float32 and not notes
+    feeds, notes = generate_inputs(_model())
+    assert feeds["x"].shape == (1, 10) and "set to 1" in notes[0]
+    with pytest.raises(OnnxoptError, match="rank 1 given"):
+        generate_inputs(_model(), {"x": (4,)})
+    with pytest.raises(OnnxoptError, match="fixes it to 10"):
+        generate_inputs(_model(), {"x": (4, 11)})
+    with pytest.raises(OnnxoptError, match="not a model input"):
+        generate_inputs(_model(), {"z": (1,)})
+
+
+def test_generation_is_seeded():
+    a, _ = generate_inputs(_model(), {"x": (2, 10)})
+    b, _ = generate_inputs(_model(), {"x": (2, 10)})
+    assert np.array_equal(a["x"], b["x"])
+
+
+def test_identical_models_pass_and_different_ones_fail():
+    assert verify_models(_model(), _model()).passed
+    result = verify_models(_model("Relu"), _model("Sigmoid"))
+    assert not result.passed and result.failures()[0].name == "y"
+
+
+def test_tolerances_by_precision():
+    ref = {"y": np.linspace(-1, 1, 100, dtype=np.float32).reshape(10, 10)}
+    noisy = {"y": ref["y"] + np.float32(1e-3)}
+    assert not compare_outputs(ref, noisy, "fp32").passed
+    assert compare_outputs(ref, noisy, "fp16").passed
+    assert compare_outputs(ref, {"y": ref["y"].copy()}, "fp32").passed
+
+
+def test_nan_and_integer_outputs():
+    ref = {"f": np.array([1.0, np.nan], np.float32), "i": np.array([1, 2], np.int64)}
+    assert compare_outputs(ref, {"f": np.array([1.0, np.nan], np.float32), "i": np.array([1, 2])}, "fp32").passed
+    assert not compare_outputs(ref, {"f": np.array([np.nan, 1.0], np.float32), "i": np.array([1, 2])}, "fp32").passed
+    assert not compare_outputs(ref, {"f": ref["f"], "i": np.array([1, 3])}, "fp32").passed
+    assert not compare_outputs(ref, {"f": ref["f"]}, "fp32").passed
+
+
+def test_npz_inputs(tmp_path):
+    path = tmp_path / "in.npz"
+    np.savez(path, x=np.ones((3, 10), np.float32))
+    verifier = Verifier.from_model(_model(), inputs=path)
+    assert verifier.reference["y"].shape == (3, 10)
+    np.savez(path, other=np.ones((3, 10), np.float32))
+    with pytest.raises(OnnxoptError, match="no array for model input 'x'"):
+        Verifier.from_model(_model(), inputs=path)
+
+
+def test_bool_and_int_inputs():
+    model = make_model(
+        [helper.make_node("Where", ["c", "a", "b"], ["y"])],
+        [tensor_input("c", [3], TensorProto.BOOL), tensor_input("a", [3], TensorProto.INT64), tensor_input("b", [3], TensorProto.INT64)],
+        [tensor_input("y", [3], TensorProto.INT64)],
+    )
+    assert verify_models(model, model).passed
