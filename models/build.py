@@ -38,7 +38,7 @@ class _Graph:
 
     def init(self, name: str, array: np.ndarray) -> str:
         """Add an initializer; returns its name."""
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.initializers.append(numpy_helper.from_array(np.array(array, order="C"), name))
         return name
 
     def const(self, output: str, array: np.ndarray) -> str:
@@ -81,10 +81,10 @@ def cnn_with_bn() -> ModelProto:
     x = g.node("Identity", ["input"], "input.identity")
     x = _conv_bn_relu(g, x, "stem", 3, 16)
     skip = x
-    y = _conv_bn_relu(g, x, "block1.a", 16, 16)
     gamma = g.rng.uniform(0.8, 1.2, 16).astype(np.float32)
-    g.init("block1.b.bn.weight", gamma)
-    y = _conv_bn_relu(g, y, "block1.b", 16, 16, relu=False, gamma="block1.b.bn.weight")
+    y = _conv_bn_relu(g, x, "block1.a", 16, 16, gamma=g.init("block1.a.bn.weight", gamma))
+    # the same values again under another name: a duplicated initializer
+    y = _conv_bn_relu(g, y, "block1.b", 16, 16, relu=False, gamma=g.init("block1.b.bn.weight", gamma.copy()))
     y = g.node("Add", [y, skip], "block1.add")
     y = g.node("Relu", [y], "block1.relu")
     # the exporter's dynamic-looking reshape of a static shape: Reshape(y, [N, 16, 32, 32])
@@ -96,8 +96,7 @@ def cnn_with_bn() -> ModelProto:
     rest = g.const("block1.rest", np.array([16, 32, 32], dtype=np.int64))
     target = g.node("Concat", [batch, rest], "block1.target", axis=0)
     y = g.node("Reshape", [y, target], "block1.reshape")
-    g.init("down.bn.weight", gamma.copy())  # the same values again: a duplicated initializer
-    y = _conv_bn_relu(g, y, "down", 16, 32, stride=2, gamma="down.bn.weight")
+    y = _conv_bn_relu(g, y, "down", 16, 32, stride=2)
     y = g.node("GlobalAveragePool", [y], "pool")
     y = g.node("Flatten", [y], "flatten", axis=1)
     w = g.weight("fc.weight", (10, 32), math.sqrt(1.0 / 32))

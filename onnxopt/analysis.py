@@ -7,8 +7,10 @@ from dataclasses import asdict, dataclass, field
 
 from onnx import ModelProto, TypeProto
 
-from onnxopt.graph import GraphView, iter_scopes
+from onnxopt.graph import iter_scopes
 from onnxopt.shapes import static_shape
+
+FLOP_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 @dataclass
@@ -35,18 +37,18 @@ def _numel(dims) -> int:
     return count
 
 
-def node_flops(node, view: GraphView, types: dict[str, TypeProto]) -> int | None:
+def node_flops(node, initializers: dict, types: dict[str, TypeProto]) -> int | None:
     """Multiply-accumulate based FLOPs (2 per MAC) of Conv, ConvTranspose, Gemm, MatMul.
 
     Returns 0 for other ops and None where the shapes needed are unknown.
     """
     op = node.op_type
-    if op not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or node.domain not in ("", "ai.onnx"):
+    if op not in FLOP_OPS or node.domain not in ("", "ai.onnx"):
         return 0
 
     def shape(name: str):
-        if name in view.initializers:
-            return tuple(view.initializers[name].dims)
+        if name in initializers:
+            return tuple(initializers[name].dims)
         return static_shape(types.get(name))
 
     out = static_shape(types.get(node.output[0])) if node.output else None
@@ -88,9 +90,11 @@ def analyze(model: ModelProto, types: dict[str, TypeProto] | None = None) -> Mod
                     if attr.name == "value":
                         stats.parameters += _numel(attr.t.dims)
     if types is not None:
-        view = GraphView.build(model.graph)
-        for node in view.nodes:
-            flops = node_flops(node, view, types)
+        initializers = {t.name: t for t in model.graph.initializer}
+        for node in model.graph.node:
+            if node.op_type not in FLOP_OPS:
+                continue
+            flops = node_flops(node, initializers, types)
             if flops is None:
                 stats.flops_unknown += 1
             else:

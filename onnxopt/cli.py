@@ -26,6 +26,7 @@ class DefaultGroup(click.Group):
     default_command = "optimize"
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Insert ``optimize`` when the first argument is not a subcommand."""
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = [self.default_command, *args]
         elif not args:

@@ -27,8 +27,16 @@ def node_label(node: NodeProto) -> str:
     return f"'{name}' ({node.op_type})"
 
 
+# Standard ops whose schemas have graph attributes; other standard ops cannot hold graphs
+# (the checker rejects attributes outside the schema), so only these and non-standard ops
+# need their attributes scanned.
+GRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+
+
 def subgraphs(node: NodeProto) -> list[GraphProto]:
     """The graphs held in a node's attributes (If branches, Loop/Scan bodies, ...)."""
+    if node.op_type not in GRAPH_OPS and node.domain in STANDARD_DOMAINS:
+        return []
     found: list[GraphProto] = []
     for attr in node.attribute:
         if attr.type == AttributeProto.GRAPH:
@@ -95,14 +103,14 @@ def outer_references(graph: GraphProto) -> set[str]:
     return free[id(graph)]
 
 
-def implicit_inputs(graph: GraphProto) -> dict[int, list[str]]:
+def implicit_inputs(graph: GraphProto, nodes: list[NodeProto] | None = None) -> dict[int, list[str]]:
     """For each node of ``graph`` holding subgraphs, the outer names those subgraphs read.
 
     Keyed by ``id(node)`` (callers keep the node objects alive while they use the
-    result); the lists are sorted for determinism.
+    result, e.g. by passing ``nodes``); the lists are sorted for determinism.
     """
     result: dict[int, list[str]] = {}
-    for node in graph.node:
+    for node in graph.node if nodes is None else nodes:
         subs = subgraphs(node)
         if subs:
             names: set[str] = set()
@@ -125,28 +133,45 @@ class GraphView:
     producer: dict[str, NodeProto] = field(default_factory=dict)
     consumers: dict[str, list[NodeProto]] = field(default_factory=dict)
     implicit: dict[int, list[str]] = field(default_factory=dict)
+    inputs_of: dict[int, list[str]] = field(default_factory=dict)
     initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
     graph_inputs: set[str] = field(default_factory=set)
     graph_outputs: set[str] = field(default_factory=set)
 
     @classmethod
     def build(cls, graph: GraphProto) -> GraphView:
-        """Index ``graph``."""
-        view = cls(graph, nodes=list(graph.node))
-        view.implicit = implicit_inputs(graph)
+        """Index ``graph`` in one sweep over its nodes."""
+        nodes = list(graph.node)
+        view = cls(graph, nodes=nodes)
+        implicit = view.implicit = implicit_inputs(graph, nodes)
         view.initializers = {t.name: t for t in graph.initializer}
         view.graph_inputs = {i.name for i in graph.input}
         view.graph_outputs = {o.name for o in graph.output}
-        for node in view.nodes:
+        producer, consumers, inputs_of = view.producer, view.consumers, view.inputs_of
+        for node in nodes:
+            names = list(node.input)
+            if "" in names:
+                names = [i for i in names if i]
+            extra = implicit.get(id(node))
+            if extra:
+                names.extend(extra)
+            inputs_of[id(node)] = names
             for out in node.output:
                 if out:
-                    view.producer[out] = node
-            for name in view.all_inputs(node):
-                view.consumers.setdefault(name, []).append(node)
+                    producer[out] = node
+            for name in names:
+                readers = consumers.get(name)
+                if readers is None:
+                    consumers[name] = [node]
+                else:
+                    readers.append(node)
         return view
 
     def all_inputs(self, node: NodeProto) -> list[str]:
         """A node's explicit non-empty inputs followed by its subgraphs' implicit inputs."""
+        cached = self.inputs_of.get(id(node))
+        if cached is not None:
+            return cached
         names = [i for i in node.input if i]
         names.extend(self.implicit.get(id(node), ()))
         return names

@@ -19,10 +19,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, get_args, get_origin
 
-from onnx import ModelProto
+from onnx import GraphProto, ModelProto
 
 from onnxopt.errors import OptionError
-from onnxopt.graph import GraphScope, NameGenerator, iter_scopes
+from onnxopt.graph import GraphScope, GraphView, NameGenerator, iter_scopes
 
 
 class Requirement(str, enum.Enum):
@@ -77,6 +77,26 @@ class PassContext:
     target: str = "portable"
     _types: dict | None = None
     _names: NameGenerator | None = None
+    _scopes: list[GraphScope] | None = None
+    _views: dict[int, GraphView] = field(default_factory=dict)
+
+    def scopes(self) -> list[GraphScope]:
+        """All graphs of the model in pre-order (cached until the model changes)."""
+        if self._scopes is None:
+            self._scopes = iter_scopes(self.model.graph)
+        return self._scopes
+
+    def view(self, graph: GraphProto) -> GraphView:
+        """A :class:`GraphView` of ``graph``, shared by passes until the model changes.
+
+        A pass that mutates the graph must not keep using a view after mutating; the
+        framework drops cached views after every change.
+        """
+        key = id(graph)
+        view = self._views.get(key)
+        if view is None or view.graph is not graph:
+            view = self._views[key] = GraphView.build(graph)
+        return view
 
     @property
     def types(self) -> dict:
@@ -95,10 +115,11 @@ class PassContext:
         return self._names
 
     def invalidate(self, *, types: bool = True) -> None:
-        """Forget cached facts after the model changed."""
+        """Forget cached facts after the model changed (types only if ``types``)."""
         if types:
             self._types = None
-        self._names = None
+        self._scopes = None
+        self._views.clear()
 
 
 @dataclass
@@ -212,11 +233,14 @@ class Pass:
     def run(self, model: ModelProto, ctx: PassContext) -> PassResult:
         """Run on the whole model; by default calls :meth:`run_graph` on every graph, innermost first."""
         result = PassResult()
-        scopes = iter_scopes(model.graph)
+        scopes = ctx.scopes()
         if not self.recurse:
             scopes = scopes[:1]
         for scope in reversed(scopes):
-            result.merge(self.run_graph(scope, ctx))
+            graph_result = self.run_graph(scope, ctx)
+            if graph_result.modified:
+                ctx.invalidate(types=not self.preserves_types)
+            result.merge(graph_result)
         return result
 
     def run_graph(self, scope: GraphScope, ctx: PassContext) -> PassResult:

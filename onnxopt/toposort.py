@@ -17,7 +17,7 @@ def topological_order(graph: GraphProto, view: GraphView | None = None) -> list[
     graph keeps its order exactly. Raises :class:`InvalidModelError` on a cycle.
     """
     view = view or GraphView.build(graph)
-    nodes = list(graph.node)
+    nodes = view.nodes
     index = {id(n): i for i, n in enumerate(nodes)}
     pending = [0] * len(nodes)
     users: list[list[int]] = [[] for _ in nodes]
@@ -42,9 +42,28 @@ def topological_order(graph: GraphProto, view: GraphView | None = None) -> list[
     return order
 
 
+def is_sorted(graph: GraphProto, view: GraphView | None = None) -> bool:
+    """Whether every value produced in ``graph`` is produced before any node reads it."""
+    view = view or GraphView.build(graph)
+    produced = view.producer
+    seen: set[str] = set()
+    for node in view.nodes:
+        for name in view.all_inputs(node):
+            if name in produced and name not in seen:
+                return False
+        seen.update(node.output)
+    return True
+
+
 def sort_graph(graph: GraphProto) -> bool:
-    """Reorder ``graph.node`` topologically in place; return whether the order changed."""
-    order = topological_order(graph)
+    """Reorder ``graph.node`` topologically in place; return whether the order changed.
+
+    Raises :class:`InvalidModelError` if the graph has a cycle.
+    """
+    view = GraphView.build(graph)
+    if is_sorted(graph, view):
+        return False
+    order = topological_order(graph, view)
     if order == list(range(len(order))):
         return False
     reordered = [graph.node[i] for i in order]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from onnx import NodeProto, TensorProto, helper
 
-from onnxopt.graph import GraphScope, GraphView
+from onnxopt.graph import GraphScope
 from onnxopt.passbase import Pass, PassContext, PassResult
 from onnxopt.registry import register_pass
 
@@ -47,7 +47,7 @@ class LiftConstants(Pass):
         if ctx.model.ir_version < 4:
             return PassResult()  # IR < 4 requires every initializer to be a graph input
         graph = scope.graph
-        view = GraphView.build(graph)
+        view = ctx.view(graph)
         lifted: list[TensorProto] = []
         keep: list[NodeProto] = []
         for node in view.nodes:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from onnx import AttributeProto, GraphProto, NodeProto, TensorProto, numpy_helper
 
-from onnxopt.graph import GraphScope, GraphView, defined_names, iter_scopes, subgraphs
+from onnxopt.graph import GraphScope, GraphView, defined_names, iter_scopes
 from onnxopt.passbase import Pass, PassContext, PassResult
 from onnxopt.registry import register_pass
 from onnxopt.toposort import topological_order
@@ -19,7 +19,7 @@ NONDETERMINISTIC_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormal
 MERGEABLE_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
 
 
-def rename_inputs_everywhere(graph: GraphProto, mapping: dict[str, str]) -> int:
+def rename_inputs_everywhere(graph: GraphProto, mapping: dict[str, str], *, nested: bool = True) -> int:
     """Make every reader of a key of ``mapping`` in ``graph`` and its subgraphs read its value.
 
     One sweep over all nodes, whatever the size of ``mapping`` (calling
@@ -27,13 +27,13 @@ def rename_inputs_everywhere(graph: GraphProto, mapping: dict[str, str]) -> int:
     The outputs of ``graph`` itself are not touched; those of nested subgraphs are.
     A subgraph that defines a key again (shadowing) keeps reading its own value, and so do
     its subgraphs. Callers must make sure no subgraph defines a value of ``mapping``.
-    Returns how many names were rewritten.
+    ``nested=False`` says the caller knows ``graph`` holds no subgraphs. Returns how many names were rewritten.
     """
     if not mapping:
         return 0
     count = 0
     active: dict[int, dict[str, str]] = {}
-    for scope in iter_scopes(graph):
+    for scope in iter_scopes(graph) if nested else [GraphScope(graph)]:
         local = mapping if scope.parent is None else active[id(scope.parent)]
         if scope.parent is not None and local:
             shadowed = [name for name in defined_names(scope.graph) if name in local]
@@ -220,13 +220,13 @@ def _attribute_key(node: NodeProto) -> bytes:
     return hashlib.blake2b(_attribute_bytes(node), digest_size=32).digest()
 
 
-def _mergeable(node: NodeProto) -> bool:
+def _mergeable(node: NodeProto, has_subgraphs: bool) -> bool:
     """Whether the node is a pure, standard op that CSE may merge with an identical one."""
     if node.domain not in MERGEABLE_DOMAINS or node.op_type in NONDETERMINISTIC_OPS:
         return False
     if not any(node.input) and node.op_type != "Constant":
         return False
-    if subgraphs(node):
+    if has_subgraphs:
         return False  # If/Loop/Scan: bodies may hold random or custom ops; left alone
     if node.op_type == "Dropout":
         training = len(node.input) > 2 and bool(node.input[2])
@@ -267,14 +267,15 @@ class EliminateCommonSubexpressions(Pass):
         result = PassResult()
         if len(graph.node) < 2:
             return result
-        view = GraphView.build(graph)
-        below: set[str] | None = None
+        view = ctx.view(graph)
+        nested = bool(view.implicit)  # some node holds a subgraph
+        below: set[str] | None = None if nested else set()
         table: dict[tuple[Any, ...], int] = {}
         mapping: dict[str, str] = {}
         removed: list[int] = []
         for index in topological_order(graph, view):
             node = view.nodes[index]
-            if not _mergeable(node):
+            if not _mergeable(node, nested and id(node) in view.implicit):
                 continue
             key = _node_key(node, mapping)
             first = table.get(key)
@@ -292,7 +293,7 @@ class EliminateCommonSubexpressions(Pass):
             removed.append(index)
         if not removed:
             return result
-        rename_inputs_everywhere(graph, mapping)
+        rename_inputs_everywhere(graph, mapping, nested=nested)
         dropped = set(removed)
         kept = [node for index, node in enumerate(view.nodes) if index not in dropped]
         del graph.node[:]

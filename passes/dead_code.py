@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from onnxopt.graph import GraphScope, GraphView, is_standard
+from onnxopt.graph import GraphScope, is_standard
 from onnxopt.passbase import Pass, PassContext, PassResult
 from onnxopt.registry import register_pass
 
@@ -22,7 +22,7 @@ class EliminateDeadCode(Pass):
     def run_graph(self, scope: GraphScope, ctx: PassContext) -> PassResult:
         """Mark live values backwards from the graph outputs, then sweep."""
         graph = scope.graph
-        view = GraphView.build(graph)
+        view = ctx.view(graph)
         live: set[str] = set(view.graph_outputs)
         keep = [False] * len(view.nodes)
         for index in range(len(view.nodes) - 1, -1, -1):
