@@ -18,9 +18,9 @@ from typing import Any, Literal
 from onnx import ModelProto
 
 from onnxopt.analysis import analyze
-from onnxopt.errors import InvalidModelError, OnnxoptError, VerificationError
+from onnxopt.errors import InvalidModelError, OnnxoptError, RequirementError, VerificationError
 from onnxopt.graph import iter_scopes
-from onnxopt.passbase import TARGETS, Pass, PassContext, PassResult
+from onnxopt.passbase import TARGETS, Pass, PassContext, PassResult, Requirement
 from onnxopt.pipeline import FixpointGroup, Step, build_pipeline
 from onnxopt.report import PassRecord, Report
 from onnxopt.toposort import sort_graph
@@ -61,6 +61,7 @@ class PassManager:
     isolate: bool = True
     progress: ProgressCallback | None = None
     stats_per_pass: bool = True
+    calibration: Any = None
     _report: Report = field(default_factory=Report, init=False)
 
     @classmethod
@@ -73,18 +74,33 @@ class PassManager:
             raise OnnxoptError(f"unknown target '{self.target}' (choose from {', '.join(TARGETS)})")
         if self.verify not in ("off", "end", "each"):
             raise OnnxoptError(f"unknown verify mode '{self.verify}' (off, end or each)")
+        self._check_requirements()
+
+    def _passes(self) -> list[Pass]:
+        flat: list[Pass] = []
+        for step in self.steps:
+            flat.extend(step.passes if isinstance(step, FixpointGroup) else [step])
+        return flat
+
+    def _check_requirements(self) -> None:
+        """Fail before running anything when a pass needs what this run does not provide."""
+        for p in self._passes():
+            if Requirement.CALIBRATION in p.requires and self.calibration is None:
+                raise RequirementError(f"pass '{p.name}' needs calibration data; give it with --calib (or calibration= in Python)")
+            if Requirement.TARGET in p.requires and self.target == "portable":
+                raise RequirementError(f"pass '{p.name}' needs a back-end target; give --target trt, ort-cpu or ort-gpu")
 
     def run(self, model: ModelProto) -> OptimizeResult:
         """Optimize ``model`` in place and return it with the report."""
         started = time.perf_counter()
         report = self._report = Report()
-        ctx = PassContext(model, target=self.target)
+        ctx = PassContext(model, target=self.target, calibration=self.calibration)
         report.before = analyze(model, ctx.types)
         if self.verify != "off" and self.verifier is None:
             from onnxopt.verify import Verifier
 
             self.verifier = Verifier.from_model(model)
-        total = sum(len(s.passes) if isinstance(s, FixpointGroup) else 1 for s in self.steps)
+        total = len(self._passes())
         done = 0
         for index, step in enumerate(self.steps, start=1):
             if isinstance(step, FixpointGroup):

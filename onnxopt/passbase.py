@@ -75,6 +75,7 @@ class PassContext:
 
     model: ModelProto
     target: str = "portable"
+    calibration: Any = None
     _types: dict | None = None
     _names: NameGenerator | None = None
     _scopes: list[GraphScope] | None = None

@@ -185,3 +185,45 @@ def test_passes_recurse_into_subgraphs_innermost_first():
     )
     PassManager([Record()]).run(model)
     assert seen[-1] == "test" and seen.index("inner") < seen.index("then")
+
+
+def test_requirements_are_checked_before_running():
+    from onnxopt.errors import RequirementError
+    from onnxopt.passbase import Requirement
+
+    class NeedsCalibration(Pass):
+        name = "test_needs_calibration"
+        requires = frozenset({Requirement.CALIBRATION})
+
+    class NeedsTarget(Pass):
+        name = "test_needs_target"
+        requires = frozenset({Requirement.TARGET})
+
+    with pytest.raises(RequirementError, match="needs calibration data"):
+        PassManager([NeedsCalibration()])
+    with pytest.raises(RequirementError, match="needs a back-end target"):
+        PassManager([NeedsTarget()])
+    PassManager([NeedsTarget()], target="trt")
+
+
+def test_entry_point_plugins_are_loaded(tmp_path, monkeypatch):
+    import importlib
+
+    from onnxopt import registry
+
+    (tmp_path / "my_onnxopt_plugin.py").write_text(
+        "from onnxopt import Pass, PassResult\n"
+        "class PluginPass(Pass):\n"
+        "    '''A pass from a plugin.'''\n"
+        "    name = 'test_plugin_pass'\n"
+        "    def run_graph(self, scope, ctx):\n"
+        "        return PassResult()\n"
+    )
+    dist = tmp_path / "my_onnxopt_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-onnxopt-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[onnxopt.passes]\nplugin = my_onnxopt_plugin:PluginPass\nbroken = no_such_module:Nope\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    monkeypatch.setattr(registry, "_LOADED", False)
+    assert registry.get_pass("test_plugin_pass").summary() == "A pass from a plugin."
