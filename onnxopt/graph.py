@@ -208,33 +208,52 @@ def replace_input_everywhere(graph: GraphProto, old: str, new: str) -> int:
     return count
 
 
-def rename_inputs(graph: GraphProto, mapping: dict[str, str]) -> int:
+def rename_inputs(graph: GraphProto, mapping: dict[str, str], *, nested: bool = True) -> int:
     """Apply ``old -> new`` renames to every node input in ``graph`` and its subgraphs, in one sweep.
 
     Use this instead of calling :func:`replace_input_everywhere` in a loop: it costs one
-    pass over the graph however many names change. Chains (a->b, b->c) are resolved to
-    their end. Graph outputs of ``graph`` itself are not touched; subgraph outputs are.
-    Returns how many inputs were rewritten.
+    pass over the graph however many names change. Chains (a->b, b->c) resolve to their end.
+    The outputs of ``graph`` itself are not touched; those of nested subgraphs are. A
+    subgraph that defines an old name again (shadowing) keeps reading its own value, and so
+    do its subgraphs. Callers must make sure no subgraph defines a *new* name. ``nested=False``
+    says the caller knows ``graph`` holds no subgraphs. Returns how many names were rewritten.
     """
     resolved = {old: _resolve(mapping, old) for old in mapping}
     resolved = {old: new for old, new in resolved.items() if old != new}
     if not resolved:
         return 0
     count = 0
-    for scope in iter_scopes(graph):
+    active: dict[int, dict[str, str]] = {}
+    for scope in iter_scopes(graph) if nested else [GraphScope(graph)]:
+        local = resolved if scope.parent is None else active[id(scope.parent)]
+        if scope.parent is not None and local:
+            shadowed = [name for name in defined_names(scope.graph) if name in local]
+            if shadowed:
+                local = {k: v for k, v in local.items() if k not in shadowed}
+        active[id(scope)] = local
+        if not local:
+            continue
         for node in scope.graph.node:
             for idx, name in enumerate(node.input):
-                new = resolved.get(name)
+                new = local.get(name)
                 if new is not None:
                     node.input[idx] = new
                     count += 1
         if scope.parent is not None:
             for out in scope.graph.output:
-                new = resolved.get(out.name)
+                new = local.get(out.name)
                 if new is not None:
                     out.name = new
                     count += 1
     return count
+
+
+def names_defined_below(graph: GraphProto) -> set[str]:
+    """Names defined by the subgraphs nested in ``graph`` (at any depth), not by ``graph`` itself."""
+    names: set[str] = set()
+    for scope in iter_scopes(graph)[1:]:
+        names |= defined_names(scope.graph)
+    return names
 
 
 def _resolve(mapping: dict[str, str], name: str) -> str:

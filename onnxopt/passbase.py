@@ -119,6 +119,7 @@ class PassContext:
         """Forget cached facts after the model changed (types only if ``types``)."""
         if types:
             self._types = None
+        self._names = None
         self._scopes = None
         self._views.clear()
 

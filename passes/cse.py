@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from onnx import AttributeProto, GraphProto, NodeProto, TensorProto, numpy_helper
 
-from onnxopt.graph import GraphScope, GraphView, defined_names, iter_scopes
+from onnxopt.graph import GraphScope, GraphView, names_defined_below, opset_version, rename_inputs
 from onnxopt.passbase import Pass, PassContext, PassResult
 from onnxopt.registry import register_pass
 from onnxopt.toposort import topological_order
@@ -17,50 +17,6 @@ from onnxopt.toposort import topological_order
 NONDETERMINISTIC_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"})
 # Domains whose ops are known pure functions of their inputs and attributes.
 MERGEABLE_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
-
-
-def rename_inputs_everywhere(graph: GraphProto, mapping: dict[str, str], *, nested: bool = True) -> int:
-    """Make every reader of a key of ``mapping`` in ``graph`` and its subgraphs read its value.
-
-    One sweep over all nodes, whatever the size of ``mapping`` (calling
-    :func:`onnxopt.graph.replace_input_everywhere` once per name would be quadratic).
-    The outputs of ``graph`` itself are not touched; those of nested subgraphs are.
-    A subgraph that defines a key again (shadowing) keeps reading its own value, and so do
-    its subgraphs. Callers must make sure no subgraph defines a value of ``mapping``.
-    ``nested=False`` says the caller knows ``graph`` holds no subgraphs. Returns how many names were rewritten.
-    """
-    if not mapping:
-        return 0
-    count = 0
-    active: dict[int, dict[str, str]] = {}
-    for scope in iter_scopes(graph) if nested else [GraphScope(graph)]:
-        local = mapping if scope.parent is None else active[id(scope.parent)]
-        if scope.parent is not None and local:
-            shadowed = [name for name in defined_names(scope.graph) if name in local]
-            if shadowed:
-                local = {k: v for k, v in local.items() if k not in shadowed}
-        active[id(scope)] = local
-        if not local:
-            continue
-        for node in scope.graph.node:
-            for index, name in enumerate(node.input):
-                if name in local:
-                    node.input[index] = local[name]
-                    count += 1
-        if scope.parent is not None:
-            for out in scope.graph.output:
-                if out.name in local:
-                    out.name = local[out.name]
-                    count += 1
-    return count
-
-
-def names_defined_below(graph: GraphProto) -> set[str]:
-    """Names defined by the subgraphs nested in ``graph`` (at any depth), not by ``graph`` itself."""
-    names: set[str] = set()
-    for scope in iter_scopes(graph)[1:]:
-        names |= defined_names(scope.graph)
-    return names
 
 
 def drop_value_info(graph: GraphProto, names: dict[str, str]) -> None:
@@ -155,7 +111,7 @@ class DedupeInitializers(Pass):
             self._match_group(graph, indices, below, mapping)
         if not mapping:
             return result
-        rename_inputs_everywhere(graph, mapping)
+        rename_inputs(graph, mapping)
         doomed = [index for index, tensor in enumerate(graph.initializer) if tensor.name in mapping]
         for index in reversed(doomed):
             del graph.initializer[index]
@@ -220,8 +176,12 @@ def _attribute_key(node: NodeProto) -> bytes:
     return hashlib.blake2b(_attribute_bytes(node), digest_size=32).digest()
 
 
-def _mergeable(node: NodeProto, has_subgraphs: bool) -> bool:
-    """Whether the node is a pure, standard op that CSE may merge with an identical one."""
+def _mergeable(node: NodeProto, has_subgraphs: bool, legacy_dropout: bool) -> bool:
+    """Whether the node is a pure, standard op that CSE may merge with an identical one.
+
+    ``legacy_dropout``: the model imports ai.onnx opset < 7, where Dropout trains (is
+    random) unless its ``is_test`` attribute is set.
+    """
     if node.domain not in MERGEABLE_DOMAINS or node.op_type in NONDETERMINISTIC_OPS:
         return False
     if not any(node.input) and node.op_type != "Constant":
@@ -229,9 +189,9 @@ def _mergeable(node: NodeProto, has_subgraphs: bool) -> bool:
     if has_subgraphs:
         return False  # If/Loop/Scan: bodies may hold random or custom ops; left alone
     if node.op_type == "Dropout":
-        training = len(node.input) > 2 and bool(node.input[2])
-        legacy_training = any(a.name == "is_test" and a.i == 0 for a in node.attribute)
-        if training or legacy_training:
+        if len(node.input) > 2 and node.input[2]:
+            return False  # a training_mode input (opset 12+)
+        if legacy_dropout and not any(a.name == "is_test" and a.i for a in node.attribute):
             return False
     return bool(node.output) and any(node.output)
 
@@ -252,7 +212,8 @@ class EliminateCommonSubexpressions(Pass):
     subgraph reads) read the earlier one's. Nodes are visited in topological order with
     inputs canonicalized by earlier merges, so duplicated chains collapse in one run.
     Identical Constant nodes merge too. Never merged: random ops (RandomNormal[Like],
-    RandomUniform[Like], Multinomial, Bernoulli), Dropout in training mode, custom-domain
+    RandomUniform[Like], Multinomial, Bernoulli), Dropout in training mode (a
+    training_mode input, or opset < 7 without is_test set), custom-domain
     ops (opaque), nodes holding subgraphs (If/Loop/Scan, left alone), input-less nodes
     other than Constant, and a duplicate whose outputs include a graph output (the
     output keeps its producer and name). Value types are unchanged.
@@ -269,13 +230,14 @@ class EliminateCommonSubexpressions(Pass):
             return result
         view = ctx.view(graph)
         nested = bool(view.implicit)  # some node holds a subgraph
+        legacy_dropout = (opset_version(ctx.model) or 1) < 7
         below: set[str] | None = None if nested else set()
         table: dict[tuple[Any, ...], int] = {}
         mapping: dict[str, str] = {}
         removed: list[int] = []
         for index in topological_order(graph, view):
             node = view.nodes[index]
-            if not _mergeable(node, nested and id(node) in view.implicit):
+            if not _mergeable(node, nested and id(node) in view.implicit, legacy_dropout):
                 continue
             key = _node_key(node, mapping)
             first = table.get(key)
@@ -293,7 +255,7 @@ class EliminateCommonSubexpressions(Pass):
             removed.append(index)
         if not removed:
             return result
-        rename_inputs_everywhere(graph, mapping, nested=nested)
+        rename_inputs(graph, mapping, nested=nested)
         dropped = set(removed)
         kept = [node for index, node in enumerate(view.nodes) if index not in dropped]
         del graph.node[:]

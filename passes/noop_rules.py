@@ -71,7 +71,7 @@ def get_attr(node: NodeProto, name: str, default: object = None) -> object:
             value = helper.get_attribute_value(attr)
             if isinstance(value, bytes):
                 return value.decode("utf-8", errors="replace")
-            return list(value) if isinstance(value, (list, tuple)) or attr.type == attr.INTS else value
+            return list(value) if isinstance(value, (list, tuple)) else value
     return default
 
 

@@ -13,7 +13,7 @@ from onnx import GraphProto, NodeProto
 from onnxopt.passes.noop_rules import RULES, match
 
 from onnxopt.errors import InvalidModelError, OptionError
-from onnxopt.graph import GraphScope, GraphView, defined_names, iter_scopes
+from onnxopt.graph import GraphScope, GraphView, rename_inputs
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement
 from onnxopt.registry import register_pass
 
@@ -79,30 +79,6 @@ def plan_graph(view: GraphView, forward: dict[str, str], nodes: dict[str, NodePr
     return plan
 
 
-def rewrite_reads(graph: GraphProto, mapping: dict[str, str]) -> None:
-    """Make every read of a key of ``mapping`` in ``graph`` and its subgraphs read the value.
-
-    Like :func:`onnxopt.graph.replace_input_everywhere` but for many names in one walk;
-    a subgraph that defines a name itself (shadowing) keeps reading its own value. Graph
-    outputs of ``graph`` are not touched; those of subgraphs are (they are reads).
-    """
-    blocked: dict[int, frozenset[str]] = {}
-    for scope in iter_scopes(graph):
-        if scope.parent is None:
-            hidden: frozenset[str] = frozenset()
-        else:
-            hidden = blocked[id(scope.parent.graph)] | frozenset(n for n in defined_names(scope.graph) if n in mapping)
-        blocked[id(scope.graph)] = hidden
-        for node in scope.graph.node:
-            for index, name in enumerate(node.input):
-                if name in mapping and name not in hidden:
-                    node.input[index] = mapping[name]
-        if scope.parent is not None:
-            for out in scope.graph.output:
-                if out.name in mapping and out.name not in hidden:
-                    out.name = mapping[out.name]
-
-
 @register_pass
 class EliminateNoops(Pass):
     """Remove nodes that pass an input through unchanged (Identity, x+0, x*1, full Slice, ...).
@@ -142,7 +118,7 @@ class EliminateNoops(Pass):
     def run_graph(self, scope: GraphScope, ctx: PassContext) -> PassResult:
         """Match every node of the graph, plan, then rewrite."""
         graph = scope.graph
-        view = GraphView.build(graph)
+        view = ctx.view(graph)
         excluded = frozenset(self.options.exclude)  # type: ignore[attr-defined]
         forward: dict[str, str] = {}
         nodes: dict[str, NodeProto] = {}
@@ -168,7 +144,7 @@ class EliminateNoops(Pass):
                 if out == old:
                     producer.output[index] = new
         if plan.reads:
-            rewrite_reads(graph, plan.reads)
+            rename_inputs(graph, plan.reads)
         dropped: list[str] = []
         for node, source in plan.kept:
             if node.op_type != "Identity":

@@ -430,3 +430,18 @@ def test_unsorted_graph_still_collapses_in_one_run():
     result = EliminateCommonSubexpressions().run(model, PassContext(model))
     assert result.counts == {"nodes_merged": 3}
     assert sorted(op_types(model)) == ["Add", "Add", "Conv", "Relu"]
+
+
+def test_legacy_dropout_merged_only_in_test_mode():
+    nodes = [
+        helper.make_node("Dropout", ["x"], ["d1"]),  # opset 6: is_test defaults to 0 (training)
+        helper.make_node("Dropout", ["x"], ["d2"]),
+        helper.make_node("Dropout", ["x"], ["e1"], is_test=1),
+        helper.make_node("Dropout", ["x"], ["e2"], is_test=1),
+        helper.make_node("Sum", ["d1", "d2", "e1", "e2"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "legacy", [tensor_input("x", [3])], [tensor_input("y", [3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)], ir_version=3)
+    result = EliminateCommonSubexpressions().run(model, PassContext(model))
+    assert result.counts == {"nodes_merged": 1}
+    assert list(model.graph.node[-1].input) == ["d1", "d2", "e1", "e1"]
