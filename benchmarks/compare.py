@@ -81,6 +81,7 @@ class Row:
     optimize_s: float | None = None
     optimize_runs_s: list[float] = field(default_factory=list)
     latency_ms: float | None = None
+    latency_min_ms: float | None = None  # in --json only: the least noisy single run
     latency_ratio: float | None = None
     max_abs_diff: float | None = None
     path: str | None = field(default=None, repr=False)
@@ -116,7 +117,7 @@ def optimize_with_tools(model: str, src: Path, tools: list[str], workdir: Path, 
             dst = workdir / f"{model}.{tool}.onnx"
             run = run_tool(tool, src, dst, passes=args.passes, timeout=args.timeout)
             if run.seconds is None:
-                rows[tool].status = run.status
+                rows[tool].status, rows[tool].path = run.status, None  # a failed repeat disqualifies the earlier ones
                 active.remove(tool)
                 continue
             rows[tool].optimize_runs_s.append(run.seconds)
@@ -124,9 +125,11 @@ def optimize_with_tools(model: str, src: Path, tools: list[str], workdir: Path, 
     for tool in active:
         row = rows[tool]
         row.optimize_s = statistics.median(row.optimize_runs_s)
-        result = onnx.load(row.path)
-        row.nodes = count_nodes(result)
         row.bytes = os.path.getsize(row.path)
+        try:
+            row.nodes = count_nodes(onnx.load(row.path))
+        except Exception as exc:  # an unreadable result is a row status, not a crash
+            row.status, row.path = f"output unreadable: {_short(exc)}", None
     return [rows[tool] for tool in tools]
 
 
@@ -148,9 +151,13 @@ def _short(exc: BaseException) -> str:
 def measure(rows: list[Row], feeds: dict[str, np.ndarray], args: argparse.Namespace) -> None:
     """Fill latency, latency ratio and max abs diff of every row that has a model file; rows[0] is the original."""
     sessions: dict[int, ort.InferenceSession] = {}
-    reference = make_session(rows[0].path, optimize=False)
-    names = [o.name for o in reference.get_outputs()]
-    expected = dict(zip(names, reference.run(names, feeds)))
+    try:
+        reference = make_session(rows[0].path, optimize=False)
+        names = [o.name for o in reference.get_outputs()]
+        expected = dict(zip(names, reference.run(names, feeds)))
+    except Exception as exc:
+        rows[0].status = f"original does not run in onnxruntime: {_short(exc)}"
+        return
     for index, row in enumerate(rows):
         if row.path is None:
             continue
@@ -173,7 +180,7 @@ def measure(rows: list[Row], feeds: dict[str, np.ndarray], args: argparse.Namesp
         for session in sessions.values():
             session.run(None, feeds)
     order = list(sessions)
-    for round_ in range(args.latency_runs):  # round-robin: machine noise hits every variant alike
+    for round_ in range(args.latency_runs if order else 0):  # round-robin: machine noise hits every variant alike
         shift = round_ % len(order)  # rotate who goes first, so no variant always runs after the same one
         for index in order[shift:] + order[:shift]:
             start = time.perf_counter()
@@ -181,6 +188,7 @@ def measure(rows: list[Row], feeds: dict[str, np.ndarray], args: argparse.Namesp
             times[index].append(time.perf_counter() - start)
     for index, samples in times.items():
         rows[index].latency_ms = statistics.median(samples) * 1000
+        rows[index].latency_min_ms = min(samples) * 1000
     base = rows[0].latency_ms
     for row in rows:
         if base and row.latency_ms is not None:
@@ -321,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:  # the optimized files were temporary
             for record in records:
                 record.pop("path")
-        out = {"date": started.isoformat(timespec="seconds"), "machine": machine(), "settings": settings, "rows": records}
+        out = {"date": started.isoformat(timespec="seconds"), "machine": machine(), "onnxruntime": ort.__version__}
+        out |= {"settings": settings, "rows": records}
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0
 

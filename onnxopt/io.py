@@ -148,9 +148,17 @@ def _tensor_bytes(tensor: TensorProto) -> bytes:
     return numpy_helper.to_array(tensor).tobytes()
 
 
+def _default_mode() -> int:
+    """File mode a plain ``open()`` would create under the current umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _fsync_replace(tmp: str, final: Path) -> None:
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
+    os.chmod(tmp, _default_mode())  # mkstemp makes 0600 files; outputs get the usual mode
     os.replace(tmp, final)
 
 

@@ -63,6 +63,7 @@ class PassManager:
     stats_per_pass: bool = True
     calibration: Any = None
     _report: Report = field(default_factory=Report, init=False)
+    _can_checkpoint: bool = field(default=True, init=False)
 
     @classmethod
     def from_spec(cls, passes: str | Sequence[Any], **kwargs: Any) -> PassManager:
@@ -96,6 +97,7 @@ class PassManager:
         report = self._report = Report()
         ctx = PassContext(model, target=self.target, calibration=self.calibration)
         report.before = analyze(model, ctx.types)
+        self._can_checkpoint = report.before.bytes <= CHECKPOINT_LIMIT
         if self.verify != "off" and self.verifier is None:
             from onnxopt.verify import Verifier
 
@@ -129,7 +131,7 @@ class PassManager:
         if self.progress:
             self.progress(p.name, -1, -1)
         checkpoint = None
-        if self.isolate and model.ByteSize() <= CHECKPOINT_LIMIT:
+        if self.isolate and self._can_checkpoint:
             checkpoint = ModelProto()
             checkpoint.CopyFrom(model)
         t0 = time.perf_counter()
@@ -159,6 +161,8 @@ class PassManager:
         self, p: Pass, ctx: PassContext, checkpoint: ModelProto | None, exc: BaseException, step: int, iteration: int, t0: float
     ) -> PassResult:
         message = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        if not self.isolate:
+            raise OnnxoptError(f"pass '{p.name}' failed: {message}") from exc
         if checkpoint is None:
             raise OnnxoptError(f"pass '{p.name}' failed and the model is too large to roll back: {message}") from exc
         log.debug("pass %s failed", p.name, exc_info=exc)

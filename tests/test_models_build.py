@@ -8,8 +8,10 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
+from helpers import assert_equivalent
 from onnx import numpy_helper
 
+import onnxopt
 from models import build
 from onnxopt.verify import run_model
 
@@ -118,3 +120,26 @@ def test_main_without_arguments_is_a_usage_error():
     with pytest.raises(SystemExit) as info:
         build.main([])
     assert info.value.code == 2
+
+
+PASSES = "cleanup"
+
+
+def test_cleanup_removes_the_cnn_redundancies():
+    model = build.cnn_with_bn()
+    result = onnxopt.optimize(model, PASSES, isolate=False)
+    assert Counter(n.op_type for n in result.model.graph.node) == Counter(
+        {"Conv": 4, "BatchNormalization": 4, "Relu": 4, "Add": 1, "GlobalAveragePool": 1, "Flatten": 1, "Gemm": 1}
+    )
+    assert len(result.model.graph.initializer) < len(model.graph.initializer)
+    assert_equivalent(model, result.model)
+
+
+def test_cleanup_keeps_the_transformer_dynamic_and_equal():
+    model = build.transformer_block()
+    result = onnxopt.optimize(model, PASSES, isolate=False)
+    ops = Counter(n.op_type for n in result.model.graph.node)
+    assert ops["Constant"] == 0 and ops["Concat"] == 1, "the q/k/v head shapes are one Concat after dedupe + CSE"
+    assert result.model.graph.input[0].type == model.graph.input[0].type
+    for shape in ((1, 3, 32), (4, 11, 32)):
+        assert_equivalent(model, result.model, input_shapes={"x": shape})

@@ -82,7 +82,9 @@ def test_refuses_to_overwrite_the_input(model_path):
 def test_subprocess_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x00garbage" * 10)
-    proc = subprocess.run([sys.executable, "-m", "onnxopt", str(bad), str(tmp_path / "o.onnx")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "onnxopt", str(bad), str(tmp_path / "o.onnx")], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and "not a valid ONNX model" in proc.stderr
     assert not (tmp_path / "o.onnx").exists()

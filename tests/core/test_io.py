@@ -153,3 +153,11 @@ def test_large_model_switches_to_external_data(tmp_path, monkeypatch):
     onnxopt.save(model, path)
     assert (tmp_path / "big.onnx.data").exists()
     assert onnxopt.load(path) == model
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnxopt.save(_add_model(), path)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask

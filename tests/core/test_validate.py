@@ -27,7 +27,12 @@ def _raw(nodes, inputs=(X,), outputs=(Y,), opset=17):
             _raw([helper.make_node("Add", ["x", "i"], ["y"])], inputs=(X, tensor_input("i", [2], TensorProto.INT64))),
             "inconsistent type",
         ),
-        (_raw([helper.make_node("Relu", ["b"], ["a"]), helper.make_node("Relu", ["a"], ["b"]), helper.make_node("Add", ["x", "a"], ["y"])]), "cycle"),
+        (
+            _raw(
+                [helper.make_node("Relu", ["b"], ["a"]), helper.make_node("Relu", ["a"], ["b"]), helper.make_node("Add", ["x", "a"], ["y"])]
+            ),
+            "cycle",
+        ),
         (_raw([helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Sigmoid", ["x"], ["y"])]), "written twice"),
         (_raw([helper.make_node("Relu", ["x"], ["a"])]), "graph output 'y' is not produced"),
         (_raw([helper.make_node("Add", ["x", "zz"], ["y"])]), "reads 'zz'"),
