@@ -49,7 +49,8 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    width = None if sys.stderr.isatty() else 160  # piped: do not squeeze the table to 80 columns
+    return Console(stderr=True, highlight=False, width=width)
 
 
 def _fail(message: str, code: int = 1) -> None:

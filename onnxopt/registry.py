@@ -71,6 +71,7 @@ CLEANUP = [
     [
         "eliminate_noops",
         "fold_constants",
+        "constant_reshape_shapes",
         "lift_constants",
         "dedupe_initializers",
         "eliminate_common_subexpressions",

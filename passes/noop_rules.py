@@ -116,6 +116,28 @@ def int_list(node: NodeProto, view: GraphView, *, name: str, index: int, from_in
     return [int(v) for v in array.reshape(-1)]  # type: ignore[union-attr]
 
 
+def same_shape(a: TypeProto | None, b: TypeProto | None) -> bool:
+    """Whether two inferred tensor types have provably equal shapes.
+
+    Every dim must match: equal static sizes, or the same symbolic name (shape inference
+    gives equal names only to dims it proved equal). Unnamed unknown dims never match.
+    """
+    if a is None or b is None or a.WhichOneof("value") != "tensor_type" or b.WhichOneof("value") != "tensor_type":
+        return False
+    if not a.tensor_type.HasField("shape") or not b.tensor_type.HasField("shape"):
+        return False
+    dims_a, dims_b = a.tensor_type.shape.dim, b.tensor_type.shape.dim
+    if len(dims_a) != len(dims_b):
+        return False
+    for x, y in zip(dims_a, dims_b):
+        if x.HasField("dim_value") and y.HasField("dim_value"):
+            if x.dim_value != y.dim_value or x.dim_value < 0:
+                return False
+        elif not (x.HasField("dim_param") and y.HasField("dim_param") and x.dim_param and x.dim_param == y.dim_param):
+            return False
+    return True
+
+
 def broadcast_change(x_dims: Sequence[int | None], other: Sequence[int]) -> str | None:
     """Why broadcasting a tensor of ``x_dims`` with shape ``other`` would change its shape, or None."""
     if len(other) > len(x_dims):
@@ -188,8 +210,10 @@ def match_cast(node: NodeProto, view: GraphView, ctx: PassContext) -> str:
 
 
 def match_reshape(node: NodeProto, view: GraphView, ctx: PassContext) -> str:
-    """Reshape to the input's own static shape (0 copies a dim unless allowzero, -1 is inferred)."""
+    """Reshape to the input's own shape: static (0 copies a dim unless allowzero, -1 is inferred) or proved equal."""
     source = first_input(node)
+    if same_shape(ctx.types.get(source), ctx.types.get(node.output[0])):
+        return source
     shape = static_shape(ctx.types.get(source))
     require(shape is not None, f"the shape of '{source}' is not fully static")
     target = int_list(node, view, name="shape", index=1, from_input=default_opset(ctx) >= 5)
@@ -203,8 +227,10 @@ def match_expand(node: NodeProto, view: GraphView, ctx: PassContext) -> str:
     """Expand whose target shape broadcasts to the input's own shape."""
     source = first_input(node)
     require(len(node.input) > 1 and node.input[1] != "", "Expand has no shape input")
+    if same_shape(ctx.types.get(source), ctx.types.get(node.output[0])):
+        return source  # a computed target shape, proved equal to the input's shape
     target = constant_array(view, node.input[1])
-    require(target is not None, "the target shape is not a constant of this graph")
+    require(target is not None, "the target shape is not a constant of this graph and the shapes are not provably equal")
     dims = dims_of(ctx.types.get(source))
     require(dims is not None, f"the rank of '{source}' is unknown")
     reason = broadcast_change(dims, [int(v) for v in target.reshape(-1)])  # type: ignore[arg-type, union-attr]

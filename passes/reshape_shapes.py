@@ -1,0 +1,78 @@
+"""Computed Reshape targets replaced by constants that shape inference proved."""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import NodeProto, TypeProto, numpy_helper
+
+from onnxopt.graph import GraphScope, GraphView, is_standard, opset_version
+from onnxopt.passbase import Pass, PassContext, PassResult, Requirement
+from onnxopt.registry import register_pass
+
+
+def constant_target(out_type: TypeProto | None) -> list[int] | None:
+    """A constant Reshape target that yields ``out_type``'s shape, or None.
+
+    Static dims are copied; at most one unknown dim becomes -1 (inferred from the
+    element count, which the original Reshape already matched). Zero-sized dims are
+    refused, since 0 means "copy the input's dim" unless allowzero is set and -1 cannot
+    be inferred next to a zero.
+    """
+    if out_type is None or out_type.WhichOneof("value") != "tensor_type" or not out_type.tensor_type.HasField("shape"):
+        return None
+    target: list[int] = []
+    unknown = 0
+    for dim in out_type.tensor_type.shape.dim:
+        if dim.HasField("dim_value") and dim.dim_value > 0:
+            target.append(dim.dim_value)
+        elif dim.HasField("dim_value") and dim.dim_value == 0:
+            return None
+        else:
+            unknown += 1
+            target.append(-1)
+    return target if unknown <= 1 else None
+
+
+@register_pass
+class ConstantReshapeShapes(Pass):
+    """Replace a Reshape's computed target shape by a constant that shape inference proved.
+
+    Exporters compute targets such as Concat(Shape(x)[0:1], [512, 256]) for a dynamic
+    batch; when inference knows every output dim but at most one, the target becomes a
+    constant (the unknown dim as -1) and the shape computation is left to dead-code
+    elimination. Pre: inferred types. Post: such Reshapes read a constant int64 target;
+    outputs are unchanged. Skipped for IR < 4 (initializers would have to be inputs) and
+    opset < 5 (the target was an attribute).
+    """
+
+    name = "constant_reshape_shapes"
+    requires = frozenset({Requirement.SHAPES})
+
+    def run_graph(self, scope: GraphScope, ctx: PassContext) -> PassResult:
+        """Match every Reshape with a computed target, then give each a constant target."""
+        result = PassResult()
+        if ctx.model.ir_version < 4 or (opset_version(ctx.model) or 1) < 5:
+            return result
+        view = ctx.view(scope.graph)
+        matches: list[tuple[NodeProto, list[int]]] = []
+        for node in view.nodes:
+            target = self._match(node, view, ctx)
+            if target is not None:
+                matches.append((node, target))
+        for node, target in matches:
+            name = ctx.names.fresh(f"{node.output[0]}_target")
+            scope.graph.initializer.append(numpy_helper.from_array(np.array(target, dtype=np.int64), name))
+            node.input[1] = name
+            result.count("reshape_targets")
+        return result
+
+    @staticmethod
+    def _match(node: NodeProto, view: GraphView, ctx: PassContext) -> list[int] | None:
+        if node.op_type != "Reshape" or not is_standard(node) or len(node.input) < 2 or not node.input[1]:
+            return None
+        if view.is_constant(node.input[1]):
+            return None
+        producer = view.producer.get(node.input[1])
+        if producer is not None and producer.op_type == "Constant":
+            return None
+        return constant_target(ctx.types.get(node.output[0]))

@@ -1,0 +1,99 @@
+"""constant_reshape_shapes: computed Reshape targets become constants proved by inference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import assert_equivalent, init, make_model, op_types, run_pass, tensor_input
+from onnx import helper, numpy_helper
+
+
+def _model(tail: list[int], in_shape=("N", 8, 4), out_shape=("N", 32)):
+    """x -> Reshape(x, Concat(Shape(x)[0:1], tail)) -> Relu."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Slice", ["s", "zero", "one"], ["n"]),
+        helper.make_node("Concat", ["n", "tail"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["r"]),
+        helper.make_node("Relu", ["r"], ["y"]),
+    ]
+    inits = [init("zero", np.array([0], np.int64)), init("one", np.array([1], np.int64)), init("tail", np.array(tail, np.int64))]
+    return make_model(nodes, [tensor_input("x", list(in_shape))], [tensor_input("y", list(out_shape))], inits)
+
+
+def _target(model):
+    reshape = next(n for n in model.graph.node if n.op_type == "Reshape")
+    tensor = next(t for t in model.graph.initializer if t.name == reshape.input[1])
+    return numpy_helper.to_array(tensor).tolist()
+
+
+def test_dynamic_batch_target_becomes_constant():
+    model = _model([32])
+    result = run_pass(model, "constant_reshape_shapes,eliminate_dead_code")
+    assert _target(result.model) == [-1, 32]
+    assert op_types(result.model) == ["Reshape", "Relu"]
+    assert result.report.passes[0].counts == {"reshape_targets": 1}
+    for batch in (1, 5):
+        assert_equivalent(model, result.model, input_shapes={"x": (batch, 8, 4)})
+
+
+def test_static_target_has_no_minus_one():
+    model = _model([32], in_shape=(3, 8, 4), out_shape=(3, 32))
+    result = run_pass(model, "constant_reshape_shapes")
+    assert _target(result.model) == [3, 32]
+    assert_equivalent(model, result.model)
+
+
+@pytest.mark.parametrize(
+    "in_shape, tail, why",
+    [(("N", "M", 4), [-1], "two unknown dims"), (("N", 0, 4), [0], "a zero-sized dim")],
+)
+def test_ambiguous_targets_are_left_alone(in_shape, tail, why):
+    model = _model(tail, in_shape=in_shape, out_shape=("N", None))
+    result = run_pass(model, "constant_reshape_shapes")
+    assert result.report.passes[0].status == "unchanged", why
+
+
+def test_constant_targets_and_old_ir_are_left_alone():
+    model = make_model(
+        [helper.make_node("Reshape", ["x", "t"], ["y"])],
+        [tensor_input("x", ["N", 8])],
+        [tensor_input("y", ["N", 2, 4])],
+        [init("t", np.array([0, 2, 4], np.int64))],
+    )
+    assert run_pass(model, "constant_reshape_shapes").report.passes[0].status == "unchanged"
+    old = _model([32])
+    old.ir_version = 3  # IR 3: every initializer must also be a graph input
+    old.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in old.graph.initializer)
+    assert run_pass(old, "constant_reshape_shapes").report.passes[0].status == "unchanged"
+
+
+def test_inside_a_loop_body_is_handled_per_graph():
+    body = helper.make_graph(
+        [
+            helper.make_node("Shape", ["v"], ["s"]),
+            helper.make_node("Slice", ["s", "zero", "one"], ["n"]),
+            helper.make_node("Concat", ["n", "tail"], ["target"], axis=0),
+            helper.make_node("Reshape", ["v", "target"], ["r"]),
+            helper.make_node("Reshape", ["r", "back"], ["v_out"]),
+            helper.make_node("Identity", ["cond"], ["cond_out"]),
+        ],
+        "body",
+        [tensor_input("i", [], 7), tensor_input("cond", [], 9), tensor_input("v", ["N", 8, 4])],
+        [tensor_input("cond_out", [], 9), tensor_input("v_out", ["N", 8, 4])],
+        [
+            init("zero", np.array([0], np.int64)),
+            init("one", np.array([1], np.int64)),
+            init("tail", np.array([32], np.int64)),
+            init("back", np.array([0, 8, 4], np.int64)),
+        ],
+    )
+    model = make_model(
+        [helper.make_node("Loop", ["trip", "", "x"], ["y"], body=body)],
+        [tensor_input("x", ["N", 8, 4])],
+        [tensor_input("y", ["N", 8, 4])],
+        [init("trip", np.array(2, np.int64))],
+    )
+    result = run_pass(model, "constant_reshape_shapes")
+    assert result.report.passes[0].counts == {"reshape_targets": 1}
+    assert_equivalent(model, result.model, input_shapes={"x": (3, 8, 4)})
