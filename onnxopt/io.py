@@ -132,6 +132,8 @@ def load(model: ModelProto | str | os.PathLike[str], *, load_external_data: bool
     try:
         proto.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as exc:
+        if "MaxDepth" in str(exc):
+            raise ModelLoadError(f"{label}: subgraphs are nested deeper than protobuf can parse") from exc
         raise ModelLoadError(f"{label}: not a valid ONNX model (protobuf parse failed; truncated or corrupt file?)") from exc
     if not proto.HasField("graph") or (proto.ir_version <= 0 and not proto.opset_import):
         raise ModelLoadError(f"{label}: not an ONNX model (no graph / IR version)")

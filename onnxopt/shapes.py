@@ -28,14 +28,22 @@ def _numel(dims) -> int:
 
 
 def light_copy(model: ModelProto) -> ModelProto:
-    """A copy of ``model`` whose large main-graph initializers are typed inputs instead."""
+    """A copy of ``model`` whose main-graph initializers are typed inputs, but small integer ones.
+
+    Shape inference only needs the values of integer tensors (shape computations); every
+    other weight keeps its type and shape as a graph input, without its bytes.
+    """
     copy = ModelProto()
     copy.CopyFrom(model) if model.ByteSize() < (1 << 26) else _copy_without_weights(model, copy)
     graph = copy.graph
     inputs = {i.name for i in graph.input}
     keep = []
     for tensor in graph.initializer:
-        if _numel(tensor.dims) <= SMALL_TENSOR_ELEMENTS and tensor.data_location != onnx.TensorProto.EXTERNAL:
+        if (
+            _numel(tensor.dims) <= SMALL_TENSOR_ELEMENTS
+            and tensor.data_location != onnx.TensorProto.EXTERNAL
+            and tensor.data_type in _INT_TYPES
+        ):
             keep.append(tensor)
             continue
         if tensor.name not in inputs:
@@ -89,20 +97,52 @@ def _collect(model: ModelProto) -> dict[str, TypeProto]:
     return types
 
 
+DATA_PROP_LIMIT = 1 << 16  # largest integer tensor (elements) onnx may propagate values of
+
+
+def _data_prop_is_safe(types: dict[str, TypeProto]) -> bool:
+    """Whether onnx's value propagation can run without materializing huge tensors.
+
+    onnx propagates the values of 1-D tensors (shape computations) with no size limit:
+    a Concat of a 1-D activation of 2**26 elements takes a minute and 15 GB, and a chain
+    of self-concatenations grows exponentially. Inference without propagation already
+    knows static sizes, so propagation is refused when any tensor of rank <= 1 is
+    statically larger than :data:`DATA_PROP_LIMIT` elements.
+    """
+    for type_proto in types.values():
+        shape = static_shape(type_proto)
+        if shape is not None and len(shape) <= 1 and _numel(shape) > DATA_PROP_LIMIT:
+            return False
+    return True
+
+
+_INT_TYPES = frozenset({onnx.TensorProto.INT64, onnx.TensorProto.INT32})
+
+
+def _infer(light: ModelProto, data_prop: bool) -> dict[str, TypeProto] | None:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=data_prop)
+    except Exception as exc:  # onnx raises many types; degrade instead
+        log.debug("shape inference (data_prop=%s) failed: %s", data_prop, exc)
+        return None
+    return _collect(inferred)
+
+
 def infer_types(model: ModelProto) -> dict[str, TypeProto]:
     """Inferred types of every named value (all graphs); missing names are unknown.
 
-    Tries full inference with data propagation, then without it, then returns only what the
-    model already declares; failures are logged at debug level, never raised.
+    Runs onnx's inference without value propagation first, then with it when that is
+    safe (see :func:`_data_prop_is_safe`); on failure falls back to the previous result and
+    at worst to what the model declares. Failures are logged at debug level, never raised.
     """
     light = light_copy(model)
-    for data_prop in (True, False):
-        try:
-            inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=data_prop)
-            return _collect(inferred)
-        except Exception as exc:  # onnx raises many types; degrade instead
-            log.debug("shape inference (data_prop=%s) failed: %s", data_prop, exc)
-    return _collect(model)
+    plain = _infer(light, data_prop=False)
+    if plain is None:
+        return _collect(model)
+    if not _data_prop_is_safe(plain):
+        log.debug("shape inference: value propagation skipped (huge integer tensors)")
+        return plain
+    return _infer(light, data_prop=True) or plain
 
 
 def static_shape(type_proto: TypeProto | None) -> tuple[int, ...] | None:
