@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from onnx import ModelProto, TypeProto
+import numpy as np
+from onnx import ModelProto, TypeProto, helper
 
 from onnxopt.graph import iter_scopes
 from onnxopt.shapes import static_shape
@@ -21,6 +22,7 @@ class ModelStats:
     initializers: int = 0
     parameters: int = 0
     bytes: int = 0
+    weight_bytes: int = 0
     flops: int = 0
     flops_unknown: int = 0
     op_types: dict[str, int] = field(default_factory=dict)
@@ -73,15 +75,33 @@ def node_flops(node, initializers: dict, types: dict[str, TypeProto]) -> int | N
     return 2 * _numel(out) * int(a[-1])
 
 
-def analyze(model: ModelProto, types: dict[str, TypeProto] | None = None) -> ModelStats:
-    """Compute :class:`ModelStats`; pass ``types`` (from inference) to get FLOPs."""
-    stats = ModelStats(bytes=model.ByteSize())
+def _tensor_bytes(tensor) -> int:
+    try:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, ValueError, TypeError):
+        itemsize = 1
+    return _numel(tensor.dims) * itemsize
+
+
+def analyze(model: ModelProto, types: dict[str, TypeProto] | None = None, *, serialized_size: bool = True) -> ModelStats:
+    """Compute :class:`ModelStats`; pass ``types`` (from inference) to get FLOPs.
+
+    ``bytes`` is the exact serialized size, or the tensor payload size when the model is over
+    2 GB or ``serialized_size=False`` (the exact size costs a serialization);
+    ``weight_bytes`` (initializer payloads from their dims and types) is always computed.
+    """
+    from onnxopt.io import payload_bytes
+    from onnxopt.io import serialized_size as exact_size
+
+    size = exact_size(model) if serialized_size else None
+    stats = ModelStats(bytes=size if size is not None else payload_bytes(model))
     histogram: Counter = Counter()
     for scope in iter_scopes(model.graph):
         graph = scope.graph
         stats.nodes += len(graph.node)
         stats.initializers += len(graph.initializer)
         stats.parameters += sum(_numel(t.dims) for t in graph.initializer)
+        stats.weight_bytes += sum(_tensor_bytes(t) for t in graph.initializer)
         for node in graph.node:
             key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
             histogram[key] += 1

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 from onnx import ModelProto, TensorProto, numpy_helper
 
 from onnxopt.errors import ModelLoadError, OnnxoptError
@@ -144,6 +144,30 @@ def load(model: ModelProto | str | os.PathLike[str], *, load_external_data: bool
     return proto
 
 
+def payload_bytes(model: ModelProto) -> int:
+    """Bytes of all tensor payloads in the model, from dims and types (no serialization)."""
+    total = 0
+    for tensor in _all_tensors(model):
+        expected = _expected_nbytes(tensor)
+        total += expected if expected is not None else len(tensor.raw_data) + sum(len(s) for s in tensor.string_data)
+    return total
+
+
+def serialized_size(model: ModelProto) -> int | None:
+    """The exact serialized size, or None when the model is too large to serialize in one piece.
+
+    Protobuf cannot serialize (nor size) a message over 2 GB; such models are saved and
+    run with external data.
+    """
+    if payload_bytes(model) > PROTOBUF_LIMIT:
+        return None
+    try:
+        size = model.ByteSize()
+    except EncodeError:
+        return None
+    return size if size <= PROTOBUF_LIMIT else None
+
+
 def _tensor_bytes(tensor: TensorProto) -> bytes:
     if tensor.HasField("raw_data"):
         return tensor.raw_data
@@ -180,11 +204,11 @@ def save(
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise OnnxoptError(f"{path}: the output folder '{folder}' does not exist")
-    size = model.ByteSize()
-    use_external = size > PROTOBUF_LIMIT - (1 << 20) if external_data is None else external_data
+    size = serialized_size(model)
+    use_external = (size is None or size > PROTOBUF_LIMIT - (1 << 20)) if external_data is None else external_data
     if not use_external:
-        if size > PROTOBUF_LIMIT:
-            raise OnnxoptError(f"{path}: the model is {size} bytes, over 2 GB; save it with external data")
+        if size is None:
+            raise OnnxoptError(f"{path}: the model is over 2 GB; save it with external data")
         payload = model.SerializeToString(deterministic=True)
         _write_atomic(path, [payload])
         return path

@@ -20,6 +20,7 @@ from onnx import ModelProto
 from onnxopt.analysis import analyze
 from onnxopt.errors import InvalidModelError, OnnxoptError, RequirementError, VerificationError
 from onnxopt.graph import iter_scopes
+from onnxopt.io import payload_bytes
 from onnxopt.passbase import TARGETS, Pass, PassContext, PassResult, Requirement
 from onnxopt.pipeline import FixpointGroup, Step, build_pipeline
 from onnxopt.report import PassRecord, Report
@@ -97,7 +98,7 @@ class PassManager:
         report = self._report = Report()
         ctx = PassContext(model, target=self.target, calibration=self.calibration)
         report.before = analyze(model, ctx.types)
-        self._can_checkpoint = report.before.bytes <= CHECKPOINT_LIMIT
+        self._can_checkpoint = payload_bytes(model) <= CHECKPOINT_LIMIT
         if self.verify != "off" and self.verifier is None:
             from onnxopt.verify import Verifier
 
@@ -180,12 +181,12 @@ class PassManager:
             return
         previous = self._report.passes[-1] if self._report.passes else None
         if not changed and previous is not None:
-            for key in ("nodes", "initializers", "parameters", "bytes", "flops"):
+            for key in ("nodes", "initializers", "parameters", "weight_bytes", "flops"):
                 setattr(record, key, getattr(previous, key))
             return
-        stats = analyze(ctx.model, ctx.types)
+        stats = analyze(ctx.model, ctx.types, serialized_size=False)
         record.nodes, record.initializers, record.parameters = stats.nodes, stats.initializers, stats.parameters
-        record.bytes, record.flops = stats.bytes, stats.flops
+        record.weight_bytes, record.flops = stats.weight_bytes, stats.flops
 
     def _verify(self, model: ModelProto, what: str) -> None:
         result = self.verifier.check(model)

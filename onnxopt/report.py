@@ -22,7 +22,7 @@ class PassRecord:
     nodes: int = 0
     initializers: int = 0
     parameters: int = 0
-    bytes: int = 0
+    weight_bytes: int = 0
     flops: int = 0
     message: str = ""
 
@@ -80,12 +80,20 @@ def render(report: Report, console, *, verbose: bool = False) -> None:
     from rich.table import Table
 
     table = Table(title="onnxopt passes", show_lines=False)
-    for col in ("pass", "iter", "changes", "nodes", "inits", "params", "size", "FLOPs", "time"):
+    for col in ("pass", "iter", "changes", "nodes", "inits", "params", "weights", "FLOPs", "time"):
         table.add_column(col, justify="left" if col in ("pass", "changes") else "right")
     if report.before:
         b = report.before
         table.add_row(
-            "(input)", "", "", str(b.nodes), str(b.initializers), human_count(b.parameters), human_bytes(b.bytes), human_count(b.flops), ""
+            "(input)",
+            "",
+            "",
+            str(b.nodes),
+            str(b.initializers),
+            human_count(b.parameters),
+            human_bytes(b.weight_bytes),
+            human_count(b.flops),
+            "",
         )
     for r in report.passes if verbose else report.changed_passes():
         changes = ", ".join(f"{k}={v}" for k, v in sorted(r.counts.items())) or r.status
@@ -98,7 +106,7 @@ def render(report: Report, console, *, verbose: bool = False) -> None:
             str(r.nodes),
             str(r.initializers),
             human_count(r.parameters),
-            human_bytes(r.bytes),
+            human_bytes(r.weight_bytes),
             human_count(r.flops),
             f"{r.seconds * 1000:.0f} ms",
         )

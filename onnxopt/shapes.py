@@ -33,8 +33,13 @@ def light_copy(model: ModelProto) -> ModelProto:
     Shape inference only needs the values of integer tensors (shape computations); every
     other weight keeps its type and shape as a graph input, without its bytes.
     """
+    from onnxopt.io import payload_bytes
+
     copy = ModelProto()
-    copy.CopyFrom(model) if model.ByteSize() < (1 << 26) else _copy_without_weights(model, copy)
+    if payload_bytes(model) < (1 << 26):
+        copy.CopyFrom(model)
+    else:
+        _copy_without_weights(model, copy)
     graph = copy.graph
     inputs = {i.name for i in graph.input}
     keep = []

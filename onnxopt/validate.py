@@ -133,7 +133,9 @@ def validate_model(model: ModelProto, *, types: bool = True) -> list[str]:
 
 def _checker_view(model: ModelProto) -> ModelProto:
     """The model for onnx's checker; over 2 GB, a copy without large weight payloads."""
-    if model.ByteSize() < 2**31 - (1 << 20):
+    from onnxopt.io import serialized_size
+
+    if serialized_size(model) is not None:
         return model
     from onnxopt.shapes import light_copy
 

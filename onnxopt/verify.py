@@ -144,9 +144,10 @@ def load_inputs(path: str | os.PathLike[str], model: ModelProto) -> dict[str, np
 
 def create_session(model: ModelProto, *, optimize: bool = False, threads: int = 1):
     """An onnxruntime CPU session for ``model`` (saved with external data when over 2 GB)."""
-    if model.ByteSize() < 2**31 - (1 << 20):
+    from onnxopt.io import save, serialized_size
+
+    if serialized_size(model) is not None:
         return make_session(model.SerializeToString(), optimize=optimize, threads=threads)
-    from onnxopt.io import save
 
     with tempfile.TemporaryDirectory(prefix="onnxopt-") as tmp:
         path = Path(tmp) / "model.onnx"
