@@ -60,6 +60,38 @@ def _payload_digest(tensor: TensorProto, payload: np.ndarray | list[bytes]) -> b
     return digest.digest()
 
 
+SAMPLE_BYTES = 1 << 16  # a fingerprint reads about this many bytes of a tensor
+EXACT_GROUP_LIMIT = 8  # larger groups of equal fingerprints are split by full digests first
+
+
+def _split_by_content(graph: GraphProto, indices: list[int]) -> dict[bytes, list[int]]:
+    """Group same-shaped initializers by a sampled fingerprint, then (large groups) full digests.
+
+    Tensors are read one at a time. Groups come back with their digest keys; members of a
+    group are probably equal and are confirmed byte by byte afterwards.
+    """
+    sampled: dict[bytes, list[int]] = {}
+    for index in indices:
+        tensor = graph.initializer[index]
+        payload = _tensor_payload(tensor)
+        if payload is None:
+            continue
+        sample = payload if isinstance(payload, list) else np.ascontiguousarray(payload[:: max(1, payload.size // SAMPLE_BYTES)])
+        sampled.setdefault(b"s" + _payload_digest(tensor, sample), []).append(index)
+        del payload
+    groups: dict[bytes, list[int]] = {}
+    for key, members in sampled.items():
+        if len(members) <= EXACT_GROUP_LIMIT:
+            groups[key] = members
+            continue
+        for index in members:
+            tensor = graph.initializer[index]
+            payload = _tensor_payload(tensor)
+            if payload is not None:
+                groups.setdefault(b"f" + _payload_digest(tensor, payload), []).append(index)
+    return groups
+
+
 def _same_payload(a: np.ndarray | list[bytes], b: np.ndarray | list[bytes]) -> bool:
     """Byte-for-byte equality of two canonical payloads."""
     if isinstance(a, list) or isinstance(b, list):
@@ -93,15 +125,16 @@ class DedupeInitializers(Pass):
         occurrences: dict[str, int] = {}
         for tensor in graph.initializer:
             occurrences[tensor.name] = occurrences.get(tensor.name, 0) + 1
-        groups: dict[bytes, list[int]] = {}
+        by_shape: dict[tuple[int, tuple[int, ...]], list[int]] = {}
         for index, tensor in enumerate(graph.initializer):
             if tensor.name in interface or occurrences[tensor.name] > 1:
                 continue
-            payload = _tensor_payload(tensor)
-            if payload is None:
-                continue
-            groups.setdefault(_payload_digest(tensor, payload), []).append(index)
-            del payload
+            by_shape.setdefault((tensor.data_type, tuple(tensor.dims)), []).append(index)
+        groups: dict[bytes, list[int]] = {}
+        for indices in by_shape.values():
+            if len(indices) > 1:  # only same-typed, same-shaped tensors can be equal: read no others
+                for key, members in _split_by_content(graph, indices).items():
+                    groups.setdefault(key, []).extend(members)
         candidates = [indices for indices in groups.values() if len(indices) > 1]
         if not candidates:
             return result

@@ -445,3 +445,23 @@ def test_legacy_dropout_merged_only_in_test_mode():
     result = EliminateCommonSubexpressions().run(model, PassContext(model))
     assert result.counts == {"nodes_merged": 1}
     assert list(model.graph.node[-1].input) == ["d1", "d2", "e1", "e1"]
+
+
+def test_large_initializers_equal_in_every_sampled_byte_but_one_are_not_merged():
+    """Fingerprints sample every k-th byte of large tensors; exact comparison must still decide."""
+    base = np.random.default_rng(0).standard_normal(100_000).astype(np.float32)  # 400 KB: sampled
+    near = base.copy()
+    near.view(np.uint8)[1] ^= 1  # byte 1 is never sampled (stride 6), so the fingerprints agree
+    model = make_model(
+        [
+            helper.make_node("Add", ["x", "a"], ["t1"]),
+            helper.make_node("Add", ["t1", "b"], ["t2"]),
+            helper.make_node("Add", ["t2", "c"], ["y"]),
+        ],
+        [tensor_input("x", [100_000])],
+        [tensor_input("y", [100_000])],
+        [init("a", base), init("b", near), init("c", base.copy())],
+    )
+    result = run_pass(model, "dedupe_initializers")
+    assert sorted(t.name for t in result.model.graph.initializer) == ["a", "b"]
+    assert_equivalent(model, result.model)
