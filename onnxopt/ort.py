@@ -16,15 +16,17 @@ def import_onnxruntime() -> ModuleType:
     return onnxruntime
 
 
-def make_session(model_bytes: bytes, *, optimize: bool = False, threads: int = 1):
-    """Create a CPU InferenceSession from serialized model bytes.
+def make_session(model_bytes: bytes | str, *, optimize: bool = False, threads: int = 1, log_level: int = 3):
+    """Create a CPU InferenceSession from serialized model bytes (or a path).
 
     Graph optimizations are off by default so the session computes exactly what the
     graph says; the session is single threaded unless ``threads`` says otherwise.
+    ``log_level`` is onnxruntime's severity threshold (3: errors, 4: fatal only, for
+    callers that expect and handle failures themselves).
     """
     ort = import_onnxruntime()
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = log_level
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     if not optimize:

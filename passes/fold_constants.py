@@ -9,12 +9,19 @@ from dataclasses import dataclass
 
 import numpy as np
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
+
+from onnxopt.errors import OptionError
+from onnxopt.graph import GraphScope, is_standard, opset_version
+from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult
+from onnxopt.passes.constants import constant_value
 from onnxopt.passes.folding_support import (
     REFERENCE_LIMIT,
     SIZE_FROM_VALUES,
     VALUE_LOAD_LIMIT,
+    ConstInfo,
     build_model,
     element_bound,
+    infer_node_shapes,
     itemsize,
     never_folds,
     numel,
@@ -26,10 +33,6 @@ from onnxopt.passes.folding_support import (
     tensor_elem,
     type_dims,
 )
-
-from onnxopt.errors import OptionError
-from onnxopt.graph import GraphScope, GraphView, is_standard
-from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult
 from onnxopt.registry import register_pass
 from onnxopt.shapes import elem_type, static_shape
 
@@ -56,46 +59,24 @@ class FoldConstantsOptions(PassOptions):
             raise OptionError("option 'time_budget' of pass 'fold_constants' must be a number of seconds >= 0")
 
 
-@dataclass
-class _Const:
-    """What is known about a constant value before or after it is computed."""
-
-    shape: tuple[int, ...] | None  # exact shape; None when only a bound on the count is known
-    count: int  # element count (exact, or an upper bound when shape is None)
-    elem: int | None
-    value: np.ndarray | None = None
-    tensor: TensorProto | None = None  # the initializer, for constants of the original graph
-    planned: bool = False  # output of a node planned in the current round, not computed yet
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the value (0 for element types without a fixed width)."""
-        return self.count * (itemsize(self.elem) or 0)
-
-    @classmethod
-    def of(cls, array: np.ndarray) -> _Const:
-        """A computed value."""
-        return cls(tuple(array.shape), int(array.size), tensor_elem(array), value=array)
-
-
 @register_pass
 class FoldConstants(Pass):
     """Evaluate nodes whose inputs are all constant and store their outputs as initializers.
 
-    Constants are a graph's own initializers that are not graph inputs, plus outputs of
-    nodes folded in the same run (chains fold at once); in a subgraph, outer-scope values
-    are not constant. Shape/Size of values whose needed dims are statically known are
-    folded too (``fold_shapes``), but never on dynamic dims.
+    Constants are a graph's own initializers that are not graph inputs, values of its
+    Constant nodes (which stay), and outputs of nodes folded in the same run (chains fold
+    at once); in a subgraph, outer-scope values are not constant. Shape/Size of values
+    whose needed dims are statically known fold too (``fold_shapes``), never on dynamic dims.
 
     Never folded: custom/ML domains, nodes with subgraphs, random ops, Dropout, Q/DQ and
     integer quantized ops, Constant (lift_constants' job), sequence/optional ops, nodes
     without outputs, string outputs. Sizes are estimated before computing: a node folds only
     if its outputs total at most max(``max_small_bytes``, bytes of its distinct inputs) and
-    none exceeds ``max_bytes``; ops whose size is unknown fold only when they cannot grow.
+    none exceeds ``max_bytes``; an output of unknown size folds only when its op cannot grow.
     After ``time_budget`` seconds the remaining nodes are left as they are (with a note).
 
-    Evaluation: one onnxruntime session per graph and round, falling back to one session
-    per node and then onnx's reference evaluator; a node that fails everywhere stays.
+    Evaluation: one onnxruntime session per graph and round; where it fails, halves of the
+    batch, down to single nodes, then onnx's reference evaluator; a node failing all stays.
     Post: folded values become initializers under their original names; a folded graph
     output (or any folded value in IR < 4 models) is produced by a Constant node instead.
     Inputs left unused stay for eliminate_dead_code. Types and shapes are unchanged.
@@ -131,15 +112,24 @@ class _GraphFolder:
     def __init__(self, scope: GraphScope, ctx: PassContext, options: FoldConstantsOptions, deadline: float) -> None:
         self.ctx, self.options, self.deadline = ctx, options, deadline
         self.graph = scope.graph
-        self.view = GraphView.build(self.graph)
+        self.view = ctx.view(self.graph)
         self.nodes = self.view.nodes
         self.index = {id(node): i for i, node in enumerate(self.nodes)}
         self.types = ctx.types
-        self.consts: dict[str, _Const] = {}
+        self.consts: dict[str, ConstInfo] = {}
         for tensor in self.graph.initializer:
             if self.view.is_constant(tensor.name) and tensor.data_location != TensorProto.EXTERNAL:
                 dims = tuple(int(d) for d in tensor.dims)
-                self.consts[tensor.name] = _Const(dims, numel(dims), tensor.data_type, tensor=tensor)
+                self.consts[tensor.name] = ConstInfo(dims, numel(dims), tensor.data_type, tensor=tensor)
+        for node in self.nodes:  # Constant nodes stay (lift_constants' job) but their values are constants
+            tensor = constant_value(node) if node.output and node.output[0] else None
+            if tensor is not None and tensor.data_location != TensorProto.EXTERNAL:
+                tensor.name = node.output[0]
+                dims = tuple(int(d) for d in tensor.dims)
+                self.consts[tensor.name] = ConstInfo(dims, numel(dims), tensor.data_type, tensor=tensor)
+        self.as_nodes = ctx.model.ir_version < 4  # IR < 4: initializers must be graph inputs, so use Constant nodes
+        old_constant = (opset_version(ctx.model) or 1) < 9  # Constant-1 holds only float16/float/double
+        self.node_elems = frozenset({TensorProto.FLOAT16, TensorProto.FLOAT, TensorProto.DOUBLE}) if old_constant else None
         self.folded: dict[int, str] = {}  # node index -> "node" (evaluated) or "shape" (from static dims)
         self.rejected: set[int] = set()
         self.timed_out = False
@@ -157,11 +147,14 @@ class _GraphFolder:
             plan = self._plan()
             if not plan or self.timed_out:
                 return
+            progress = len(self.folded) + len(self.rejected)
             self._evaluate(plan)
+            if len(self.folded) + len(self.rejected) == progress and not self.timed_out:
+                return  # cannot happen (every round folds or rejects a node); never loop on it
 
     def _plan(self) -> list[tuple[int, int]]:
         """Nodes foldable now, in graph order, each with its output byte allowance."""
-        planned: dict[str, _Const] = {}
+        planned: dict[str, ConstInfo] = {}
         plan: list[tuple[int, int]] = []
         for idx, node in enumerate(self.nodes):
             if idx in self.folded or idx in self.rejected:
@@ -175,7 +168,10 @@ class _GraphFolder:
                 continue
             inputs = [name for name in node.input if name]
             known = [self.consts.get(name) or planned.get(name) for name in inputs]
-            if not inputs or any(k is None for k in known):
+            if not inputs:
+                self.rejected.add(idx)  # a source op (Constant, Random*, ...): nothing to fold
+                continue
+            if any(k is None for k in known):
                 continue
             verdict = self._estimate(node, inputs, known)  # type: ignore[arg-type]
             if verdict == _REJECT:
@@ -196,26 +192,40 @@ class _GraphFolder:
         const = self.consts.get(name)
         dims = list(const.shape) if const is not None and const.shape is not None else type_dims(self.types.get(name))
         value = shape_op_value(node, dims)  # type: ignore[arg-type]
-        if value is None or self._out_of_time():
+        if value is None or not self._storable(node.output[0], TensorProto.INT64) or self._out_of_time():
             return False
-        self.consts[node.output[0]] = _Const.of(value)
+        self.consts[node.output[0]] = ConstInfo.of(value)
         self.folded[idx] = "shape"
         return True
 
-    def _value(self, const: _Const) -> np.ndarray | None:
+    def _storable(self, name: str, elem: int | None) -> bool:
+        """Whether a folded value can be stored: a Constant node of an old opset holds only floats."""
+        if self.node_elems is None or elem in self.node_elems:
+            return True
+        return not (self.as_nodes or name in self.view.graph_outputs)
+
+    def _value(self, const: ConstInfo) -> np.ndarray | None:
         """The value of a constant if known or cheap to load (small initializers)."""
         if const.value is None and const.tensor is not None and const.count <= VALUE_LOAD_LIMIT:
             const.value = numpy_helper.to_array(const.tensor)
         return const.value
 
-    def _estimate(self, node: NodeProto, inputs: list[str], known: list[_Const]) -> str | tuple[dict[str, _Const], int]:
-        """Output sizes and the byte allowance of a node, or _DEFER / _REJECT."""
+    def _estimate(self, node: NodeProto, inputs: list[str], known: list[ConstInfo]) -> str | tuple[dict[str, ConstInfo], int]:
+        """Output sizes and the byte allowance of a node, or _DEFER (retry next round) / _REJECT.
+
+        An output's size comes from inferred types, else from the input values that decide
+        it, else from onnx inference on the node alone; failing those, ops that cannot grow
+        get a bound. A node reading values not computed yet is deferred rather than rejected
+        when those values could decide its size.
+        """
         if any(k.shape is None for k in known):
             return _DEFER  # an input only has a size bound until it is computed
+        pending = any(k.planned for k in known)
         shapes = [k.shape for k in known]
         counts = [k.count for k in known]
-        outputs: dict[str, _Const] = {}
-        total = 0
+        inferred: dict[str, tuple[int, ...]] | None = None
+        outputs: dict[str, ConstInfo] = {}
+        total, bounded = 0, False
         for name in node.output:
             if not name:
                 continue
@@ -227,20 +237,33 @@ class _GraphFolder:
                 return _REJECT
             shape = static_shape(type_proto)
             if shape is None and node.op_type in SIZE_FROM_VALUES:
-                shape = shape_from_values(node, shapes, [self._value(k) for k in known])
-                if shape is None:
-                    return _DEFER if any(k.planned for k in known) else _REJECT
-            count = numel(shape) if shape is not None else element_bound(node, shapes, counts)
+                shape = shape_from_values(node, shapes, [self._value(k) for k in known])  # type: ignore[arg-type]
+            if shape is None and not pending:
+                if inferred is None:
+                    inferred = self._infer(node, inputs, known)
+                shape = inferred.get(name)
+            count = numel(shape) if shape is not None else element_bound(node, shapes, counts)  # type: ignore[arg-type]
             if count is None:
-                return _REJECT
+                return _DEFER if pending else _REJECT
+            bounded = bounded or shape is None
             size = count * (itemsize(elem) or 8)
-            if size > self.options.max_bytes:
-                return _REJECT
             total += size
-            outputs[name] = _Const(shape, count, elem, planned=True)
+            if size > self.options.max_bytes:
+                return _DEFER if pending and bounded else _REJECT
+            outputs[name] = ConstInfo(shape, count, elem, planned=True)
         distinct = {name: k for name, k in zip(inputs, known)}
         allowance = max(self.options.max_small_bytes, sum(k.nbytes for k in distinct.values()))
-        return _REJECT if total > allowance else (outputs, allowance)
+        if total > allowance:
+            return _DEFER if pending and bounded else _REJECT
+        return outputs, allowance
+
+    def _infer(self, node: NodeProto, inputs: list[str], known: list[ConstInfo]) -> dict[str, tuple[int, ...]]:
+        """Output shapes of a node whose inputs are all known, by onnx inference on the node alone."""
+        described = {}
+        for name, const in zip(inputs, known):
+            value = self._value(const) if const.count <= VALUE_LOAD_LIMIT else None
+            described[name] = (name, const.shape, const.elem, value)
+        return infer_node_shapes(node, list(described.values()), self.ctx.model.opset_import)  # type: ignore[arg-type]
 
     # -- evaluation -----------------------------------------------------------------------
 
@@ -270,59 +293,82 @@ class _GraphFolder:
         return build_model(nodes, self._feeds(nodes, produced), outputs, model.opset_import, model.ir_version)
 
     def _evaluate(self, plan: list[tuple[int, int]]) -> None:
-        """Evaluate a round in one session; on failure node by node; accept what checks out."""
-        members = {idx for idx, _ in plan}
-        nodes = [self.nodes[idx] for idx, _ in plan]
-        wanted = [o for node in nodes for o in node.output if o and self._read_by_others(o, members)]
-        if not wanted:  # nothing outside reads these nodes: they simply go away
-            for idx, _ in plan:
-                self.folded[idx] = "node"
-            return
-        try:
-            arrays = run_onnxruntime(self._model(nodes, wanted), wanted)
-        except Exception as exc:  # onnxruntime lacks some ops and types: try node by node
-            log.debug("fold_constants: batch of %d nodes failed (%s); evaluating node by node", len(nodes), exc)
-            self._evaluate_each(plan)
-            return
-        results = dict(zip(wanted, arrays))
-        bad = [idx for idx, allowance in plan if not self._check(self.nodes[idx], results, allowance, reference=False)]
-        if bad:  # an estimate was wrong: reject those nodes and plan again
-            self.rejected.update(bad)
-            return
-        for idx, _ in plan:
-            self.folded[idx] = "node"
-        for name, array in results.items():
-            self.consts[name] = _Const.of(array)
-
-    def _evaluate_each(self, plan: list[tuple[int, int]]) -> None:
-        """Evaluate planned nodes one at a time (onnxruntime, then the reference evaluator)."""
-        for idx, allowance in plan:
-            node = self.nodes[idx]
-            inputs = [name for name in node.input if name]
-            if any(name not in self.consts for name in inputs):
-                continue  # its producer failed in this round; it is not constant any more
+        """Evaluate a round: the whole plan in one session; where a session fails, halves of it, down to single nodes."""
+        work = [plan]
+        while work:
+            chunk = self._runnable(work.pop())
+            if not chunk:
+                continue
             if self._out_of_time():
                 return
-            outputs = [o for o in node.output if o]
-            model = self._model([node], outputs)
-            arrays, reference = None, False
-            try:
-                arrays = run_onnxruntime(model, outputs)
-            except Exception as exc:
-                log.debug("fold_constants: onnxruntime cannot evaluate %s: %s", node.op_type, exc)
-                if sum(self.consts[name].count for name in inputs) <= REFERENCE_LIMIT:
-                    reference = True
-                    try:
-                        arrays = run_reference(model, outputs)
-                    except Exception as ref_exc:
-                        log.debug("fold_constants: reference evaluator cannot evaluate %s: %s", node.op_type, ref_exc)
-            results = dict(zip(outputs, arrays)) if arrays is not None else None
-            if results is None or not self._check(node, results, allowance, reference=reference):
-                self.rejected.add(idx)
-                continue
+            if len(chunk) == 1:
+                self._evaluate_single(*chunk[0])
+            elif not self._evaluate_batch(chunk):
+                middle = len(chunk) // 2
+                work.extend((chunk[middle:], chunk[:middle]))  # the first half is evaluated first
+
+    def _runnable(self, chunk: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The nodes of ``chunk`` whose inputs are computed or come from earlier nodes of the chunk."""
+        produced: set[str] = set()
+        runnable = []
+        for idx, allowance in chunk:
+            node = self.nodes[idx]
+            if all(not name or name in self.consts or name in produced for name in node.input):
+                runnable.append((idx, allowance))
+                produced.update(o for o in node.output if o)
+        return runnable  # the others read a node that failed: they are not constant any more
+
+    def _store(self, results: dict[str, np.ndarray]) -> None:
+        """Remember computed values as constants."""
+        for name, array in results.items():
+            self.consts[name] = ConstInfo.of(array)
+
+    def _evaluate_batch(self, chunk: list[tuple[int, int]]) -> bool:
+        """Evaluate nodes in one onnxruntime session; False if the session fails."""
+        members = {idx for idx, _ in chunk}
+        nodes = [self.nodes[idx] for idx, _ in chunk]
+        wanted = [o for node in nodes for o in node.output if o and self._read_by_others(o, members)]
+        if not wanted:  # nothing else reads these nodes: they simply go away
+            for idx, _ in chunk:
+                self.folded[idx] = "node"
+            return True
+        try:
+            arrays = run_onnxruntime(self._model(nodes, wanted), wanted)
+        except Exception as exc:  # onnxruntime lacks some ops and types
+            log.debug("fold_constants: a batch of %d nodes failed: %s", len(nodes), " ".join(str(exc).split())[:200])
+            return False
+        results = dict(zip(wanted, arrays))
+        bad = [idx for idx, allowance in chunk if not self._check(self.nodes[idx], results, allowance, reference=False)]
+        if bad:  # an estimate was wrong: reject those nodes; the others are planned again next round
+            self.rejected.update(bad)
+            return True
+        for idx, _ in chunk:
             self.folded[idx] = "node"
-            for name, array in results.items():
-                self.consts[name] = _Const.of(array)
+        self._store(results)
+        return True
+
+    def _evaluate_single(self, idx: int, allowance: int) -> None:
+        """Evaluate one node with onnxruntime, else the reference evaluator; reject it if both fail."""
+        node = self.nodes[idx]
+        outputs = [o for o in node.output if o]
+        model = self._model([node], outputs)
+        arrays, reference = None, False
+        try:
+            arrays = run_onnxruntime(model, outputs)
+        except Exception as exc:
+            log.debug("fold_constants: onnxruntime cannot evaluate %s: %s", node.op_type, " ".join(str(exc).split())[:200])
+            if sum(self.consts[name].count for name in node.input if name) <= REFERENCE_LIMIT:
+                reference = True
+                try:
+                    arrays = run_reference(model, outputs)
+                except Exception as ref_exc:
+                    log.debug("fold_constants: the reference evaluator cannot evaluate %s: %s", node.op_type, ref_exc)
+        results = dict(zip(outputs, arrays)) if arrays is not None else None
+        if results is None or not self._check(node, results, allowance, reference=reference):
+            self.rejected.add(idx)
+            return
+        self.folded[idx] = "node"
+        self._store(results)
 
     def _check(self, node: NodeProto, results: dict[str, np.ndarray], allowance: int, *, reference: bool) -> bool:
         """Whether a node's computed outputs have their inferred types and shapes and fit the budget."""
@@ -333,7 +379,7 @@ class _GraphFolder:
             array = results[name]
             type_proto = self.types.get(name)
             want, got = elem_type(type_proto), tensor_elem(array)
-            if got is None or (want is not None and got != want) or (want is None and reference):
+            if got is None or (want is not None and got != want) or (want is None and reference) or not self._storable(name, got):
                 return False
             shape = static_shape(type_proto)
             if shape is not None and tuple(array.shape) != shape:
@@ -350,7 +396,6 @@ class _GraphFolder:
         result = PassResult()
         if not self.folded:
             return result
-        as_nodes = self.ctx.model.ir_version < 4
         kept: list[NodeProto] = []
         created: list[TensorProto] = []
         for idx, node in enumerate(self.nodes):
@@ -361,7 +406,7 @@ class _GraphFolder:
                 if not name or not self._read_by_others(name, set()):
                     continue
                 tensor = numpy_helper.from_array(self.consts[name].value, name)  # type: ignore[arg-type]
-                if as_nodes or name in self.view.graph_outputs:
+                if self.as_nodes or name in self.view.graph_outputs:
                     label = self.ctx.names.fresh(node.name or name)
                     kept.append(helper.make_node("Constant", [], [name], name=label, value=tensor))
                 else:

@@ -12,13 +12,15 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import ModelProto, NodeProto, OperatorSetIdProto, TensorProto, helper
+from onnx import ModelProto, NodeProto, OperatorSetIdProto, TensorProto, helper, numpy_helper
 
 from onnxopt.graph import subgraphs
-from onnxopt.ort import make_session
+from onnxopt.ort import import_onnxruntime, make_session
+from onnxopt.shapes import static_shape
 
 log = logging.getLogger("onnxopt")
 
@@ -76,6 +78,28 @@ SIZE_FROM_VALUES = frozenset({"ConstantOfShape", "Expand", "Tile", "Range"})
 MAX_RANK = 64  # bound on the length of a Shape output whose input rank is unknown
 VALUE_LOAD_LIMIT = 4096  # largest initializer (elements) read to decide a size
 REFERENCE_LIMIT = 1 << 20  # largest total input (elements) given to the slow reference evaluator
+
+
+@dataclass
+class ConstInfo:
+    """What is known about a constant value before or after it is computed."""
+
+    shape: tuple[int, ...] | None  # exact shape; None when only a bound on the count is known
+    count: int  # element count (exact, or an upper bound when shape is None)
+    elem: int | None
+    value: np.ndarray | None = None
+    tensor: TensorProto | None = None  # the initializer or Constant value, for original constants
+    planned: bool = False  # output of a node planned in the current round, not computed yet
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the value (0 for element types without a fixed width)."""
+        return self.count * (itemsize(self.elem) or 0)
+
+    @classmethod
+    def of(cls, array: np.ndarray) -> ConstInfo:
+        """A computed value."""
+        return cls(tuple(array.shape), int(array.size), tensor_elem(array), value=array)
 
 
 def never_folds(node: NodeProto) -> bool:
@@ -203,6 +227,38 @@ def output_elem_guess(node: NodeProto, input_elems: list[int | None]) -> int | N
     return input_elems[0] if input_elems else None
 
 
+def infer_node_shapes(
+    node: NodeProto,
+    inputs: Sequence[tuple[str, tuple[int, ...], int | None, np.ndarray | None]],
+    opsets: Sequence[OperatorSetIdProto],
+) -> dict[str, tuple[int, ...]]:
+    """Static output shapes of one node by onnx inference, given (name, shape, elem, small value) per input.
+
+    Inputs with a value become initializers (so data propagation sees them), the others
+    typed graph inputs. Outputs whose shape stays unknown are left out.
+    """
+    graph = onnx.GraphProto(name="infer")
+    graph.node.append(node)
+    for name, shape, elem, value in inputs:
+        if value is not None:
+            graph.initializer.append(numpy_helper.from_array(value, name))
+        else:
+            graph.input.append(helper.make_tensor_value_info(name, elem or TensorProto.UNDEFINED, list(shape)))
+    graph.output.extend(helper.make_empty_tensor_value_info(o) for o in node.output if o)
+    model = helper.make_model(graph, opset_imports=list(opsets))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except Exception as exc:  # onnx raises many types; an unknown shape is the answer
+        log.debug("fold_constants: cannot infer the output shape of %s: %s", node.op_type, exc)
+        return {}
+    found = {}
+    for value in list(inferred.graph.output) + list(inferred.graph.value_info):
+        shape = static_shape(value.type)
+        if shape is not None:
+            found[value.name] = shape
+    return found
+
+
 def build_model(
     nodes: Sequence[NodeProto],
     initializers: Sequence[TensorProto],
@@ -222,8 +278,10 @@ def build_model(
 
 def run_onnxruntime(model: ModelProto, outputs: Sequence[str]) -> list[np.ndarray]:
     """Evaluate ``model`` in a single-threaded onnxruntime session without graph optimizations."""
-    session = make_session(model.SerializeToString())
-    return [np.asarray(v) for v in session.run(list(outputs), {})]
+    session = make_session(model.SerializeToString(), log_level=4)
+    quiet = import_onnxruntime().RunOptions()
+    quiet.log_severity_level = 4  # a failure is expected and handled: do not print it
+    return [np.asarray(v) for v in session.run(list(outputs), {}, quiet)]
 
 
 def run_reference(model: ModelProto, outputs: Sequence[str]) -> list[np.ndarray]:

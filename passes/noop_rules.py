@@ -24,10 +24,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 from onnx import NodeProto, TensorProto, TypeProto, helper, numpy_helper
-from onnxopt.passes.constants import constant_value
 
 from onnxopt.graph import GraphView, is_standard, node_label, opset_version
 from onnxopt.passbase import PassContext
+from onnxopt.passes.constants import constant_value
 from onnxopt.shapes import elem_type, static_shape
 
 log = logging.getLogger("onnxopt")

@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from onnx import GraphProto, NodeProto
-from onnxopt.passes.noop_rules import RULES, match
 
 from onnxopt.errors import InvalidModelError, OptionError
 from onnxopt.graph import GraphScope, GraphView, rename_inputs
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement
+from onnxopt.passes.noop_rules import RULES, match
 from onnxopt.registry import register_pass
 
 

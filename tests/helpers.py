@@ -35,7 +35,7 @@ def make_model(
 
 def tensor_input(name: str, shape: Sequence[int | str | None], dtype: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
     """A tensor value_info."""
-    return helper.make_tensor_value_info(name, dtype, list(shape))
+    return helper.make_tensor_value_info(name, dtype, list(shape) if shape is not None else None)
 
 
 def init(name: str, array: Any) -> TensorProto:

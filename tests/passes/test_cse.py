@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 from helpers import assert_equivalent, init, make_model, op_types, run_pass, tensor_input
 from onnx import ModelProto, TensorProto, helper
-from onnxopt.passes.cse import DedupeInitializers, EliminateCommonSubexpressions
 
 from onnxopt.passbase import PassContext
+from onnxopt.passes.cse import DedupeInitializers, EliminateCommonSubexpressions
 
 DEDUPE = "dedupe_initializers"
 CSE = "eliminate_common_subexpressions"

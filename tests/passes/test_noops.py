@@ -12,12 +12,12 @@ import onnx
 import pytest
 from helpers import assert_equivalent, init, make_model, op_types, run_pass, tensor_input
 from onnx import AttributeProto, ModelProto, TensorProto, helper
-from onnxopt.passes.noop_rules import resolve_reshape, why_not
-from onnxopt.passes.noops import EliminateNoops, resolve_roots
 
 from onnxopt.errors import OptionError
 from onnxopt.graph import GraphView
 from onnxopt.passbase import PassContext
+from onnxopt.passes.noop_rules import resolve_reshape, why_not
+from onnxopt.passes.noops import EliminateNoops, resolve_roots
 
 NOOPS = "eliminate_noops"
 F32 = TensorProto.FLOAT
