@@ -7,7 +7,6 @@ long model cannot hit the interpreter's recursion limit.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import onnx
@@ -54,11 +53,6 @@ class GraphScope:
     parent: GraphScope | None = None
     owner: NodeProto | None = None
     depth: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        """True for the model's top-level graph."""
-        return self.parent is None
 
 
 def iter_scopes(graph: GraphProto) -> list[GraphScope]:
@@ -185,34 +179,10 @@ class GraphView:
         return len(self.consumers.get(name, ())) + (name in self.graph_outputs)
 
 
-def replace_input_everywhere(graph: GraphProto, old: str, new: str) -> int:
-    """Make every reader of ``old`` in ``graph`` and its subgraphs read ``new`` instead.
-
-    Graph outputs are not touched (their names are part of the model's interface).
-    Returns how many inputs were rewritten.
-    """
-    count = 0
-    for scope in iter_scopes(graph):
-        if scope.parent is not None and old in defined_names(scope.graph):
-            continue  # shadowed in this subgraph (not valid SSA, but be safe)
-        for node in scope.graph.node:
-            for idx, name in enumerate(node.input):
-                if name == old:
-                    node.input[idx] = new
-                    count += 1
-        if scope.parent is not None:
-            for out in scope.graph.output:
-                if out.name == old:
-                    out.name = new
-                    count += 1
-    return count
-
-
 def rename_inputs(graph: GraphProto, mapping: dict[str, str], *, nested: bool = True) -> int:
     """Apply ``old -> new`` renames to every node input in ``graph`` and its subgraphs, in one sweep.
 
-    Use this instead of calling :func:`replace_input_everywhere` in a loop: it costs one
-    pass over the graph however many names change. Chains (a->b, b->c) resolve to their end.
+    It costs one pass over the graph however many names change. Chains (a->b, b->c) resolve to their end.
     The outputs of ``graph`` itself are not touched; those of nested subgraphs are. A
     subgraph that defines an old name again (shadowing) keeps reading its own value, and so
     do its subgraphs. Callers must make sure no subgraph defines a *new* name. ``nested=False``
@@ -294,12 +264,6 @@ class NameGenerator:
             name = f"{base}_{counter}"
         self._taken.add(name)
         return name
-
-
-def iter_nodes(model: ModelProto) -> Iterator[NodeProto]:
-    """Every node of the model, in all graphs."""
-    for scope in iter_scopes(model.graph):
-        yield from scope.graph.node
 
 
 def opset_version(model: ModelProto, domain: str = "") -> int | None:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from onnx import ModelProto
 
 from onnxopt.analysis import analyze
-from onnxopt.errors import InvalidModelError, OnnxoptError, RequirementError, VerificationError
+from onnxopt.errors import InvalidModelError, OnnxoptError, RequirementError
 from onnxopt.graph import iter_scopes
 from onnxopt.io import payload_bytes
 from onnxopt.passbase import TARGETS, Pass, PassContext, PassResult, Requirement
@@ -26,6 +26,7 @@ from onnxopt.pipeline import FixpointGroup, Step, build_pipeline
 from onnxopt.report import PassRecord, Report
 from onnxopt.toposort import sort_graph
 from onnxopt.validate import check_names
+from onnxopt.verify import require_pass
 
 log = logging.getLogger("onnxopt")
 
@@ -191,9 +192,7 @@ class PassManager:
     def _verify(self, model: ModelProto, what: str) -> None:
         result = self.verifier.check(model)
         self._report.verification = result.to_dict()
-        if not result.passed:
-            bad = result.failures()[0]
-            raise VerificationError(f"{what} diverges from the original: output '{bad.name}': {bad.reason}")
+        require_pass(result, what)
 
 
 def _check_structure(model: ModelProto) -> None:
