@@ -19,7 +19,7 @@ from onnx import ModelProto
 from onnxopt.errors import OnnxoptError, OptionError, VerificationError
 from onnxopt.io import load, save
 from onnxopt.manager import OptimizeResult, PassManager
-from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement
+from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, option
 from onnxopt.pipeline import FixpointGroup
 from onnxopt.registry import all_passes, get_pass, register_pass
 from onnxopt.validate import validate_model
@@ -42,6 +42,7 @@ __all__ = [
     "get_pass",
     "load",
     "optimize",
+    "option",
     "register_pass",
     "save",
     "validate_model",

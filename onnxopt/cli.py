@@ -108,8 +108,8 @@ def _print_passes() -> None:
     out = []
     for name, cls in all_passes().items():
         out.append(f"{name}\n    {cls.summary()}")
-        for opt, typ, default in cls.Options.describe():
-            out.append(f"    - {opt}: {typ} = {default}")
+        for opt, typ, default, text in cls.Options.describe():
+            out.append(f"    - {opt}: {typ} = {default}" + (f"  ({text})" if text else ""))
         if cls.requires:
             out.append(f"    requires: {', '.join(sorted(r.value for r in cls.requires))}")
     out.append("\npresets:")

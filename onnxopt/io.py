@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -45,22 +47,32 @@ def _all_tensors(model: ModelProto) -> Iterator[TensorProto]:
                     yield attr.sparse_tensor.indices
 
 
-def _expected_nbytes(tensor: TensorProto) -> int | None:
-    """Bytes a tensor's raw data must have, or None for types without a fixed width."""
+_SUB_BYTE_BITS = {
+    getattr(TensorProto, name): bits
+    for name, bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2))
+    if hasattr(TensorProto, name)
+}
+
+
+@functools.cache
+def _element_bits(data_type: int) -> int | None:
+    """Bits per element of an ONNX tensor type, or None for types without a fixed width."""
+    if data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+        return None
+    if data_type in _SUB_BYTE_BITS:
+        return _SUB_BYTE_BITS[data_type]
     try:
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).itemsize * 8
     except (KeyError, ValueError, TypeError):
         return None
-    if tensor.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+
+
+def _expected_nbytes(tensor: TensorProto) -> int | None:
+    """Bytes a tensor's raw data must have, or None for types without a fixed width."""
+    bits = _element_bits(tensor.data_type)
+    if bits is None:
         return None
-    count = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
-    bits = {TensorProto.INT4: 4, TensorProto.UINT4: 4}.get(tensor.data_type)
-    for name in ("FLOAT4E2M1", "INT2", "UINT2"):
-        if getattr(TensorProto, name, None) == tensor.data_type:
-            bits = 2 if "2" in name[-1] else 4
-    if bits is not None:
-        return (count * bits + 7) // 8
-    return count * np.dtype(dtype).itemsize
+    return (math.prod(tensor.dims) * bits + 7) // 8
 
 
 def _read_external(tensor: TensorProto, base_dir: Path, label: str) -> None:

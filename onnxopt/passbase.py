@@ -124,6 +124,13 @@ class PassContext:
         self._views.clear()
 
 
+def option(default: Any, help: str) -> Any:
+    """A pass option field with a default and a one-line description for ``onnxopt passes``."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("option defaults must be immutable (use a tuple)")
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class PassOptions:
     """Base class of pass options: a dataclass whose fields have types and defaults.
@@ -136,13 +143,13 @@ class PassOptions:
         """Check option values; raise :class:`OptionError` for a bad one."""
 
     @classmethod
-    def describe(cls) -> list[tuple[str, str, str]]:
-        """(name, type, default) for every option, for help output."""
+    def describe(cls) -> list[tuple[str, str, str, str]]:
+        """(name, type, default, help) for every option, for help output."""
         hints = typing.get_type_hints(cls)
         rows = []
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            rows.append((f.name, _type_name(hints[f.name]), repr(default)))
+            rows.append((f.name, _type_name(hints[f.name]), repr(default), f.metadata.get("help", "")))
         return rows
 
     @classmethod

@@ -12,7 +12,7 @@ from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from onnxopt.errors import OptionError
 from onnxopt.graph import GraphScope, is_standard, opset_version
-from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult
+from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, option
 from onnxopt.passes.constants import constant_value
 from onnxopt.passes.folding_support import (
     REFERENCE_LIMIT,
@@ -45,10 +45,10 @@ _DEFER, _REJECT = "defer", "reject"
 class FoldConstantsOptions(PassOptions):
     """Options of :class:`FoldConstants`."""
 
-    max_small_bytes: int = 4096
-    max_bytes: int = 64 << 20
-    time_budget: float = 30.0
-    fold_shapes: bool = True
+    max_small_bytes: int = option(4096, "results up to this many bytes fold even when larger than their inputs")
+    max_bytes: int = option(64 << 20, "no single folded result may exceed this many bytes")
+    time_budget: float = option(30.0, "seconds the pass may spend; later nodes stay unfolded")
+    fold_shapes: bool = option(True, "fold Shape/Size of tensors whose dims are all known")
 
     def validate(self) -> None:
         """Sizes must be non-negative and the time budget a finite number of seconds >= 0."""

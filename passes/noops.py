@@ -13,7 +13,7 @@ from onnx import GraphProto, NodeProto
 
 from onnxopt.errors import InvalidModelError, OptionError
 from onnxopt.graph import GraphScope, GraphView, rename_inputs
-from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement
+from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, option
 from onnxopt.passes.noop_rules import RULES, match
 from onnxopt.registry import register_pass
 
@@ -106,7 +106,7 @@ class EliminateNoops(Pass):
     class Options(PassOptions):
         """Options of eliminate_noops."""
 
-        exclude: tuple[str, ...] = ()  # op types to leave alone, e.g. exclude=Add|Mul
+        exclude: tuple[str, ...] = option((), "op types to leave alone, separated by '|', e.g. exclude=Add|Mul")
 
         def validate(self) -> None:
             """Every excluded op type must be one the pass knows."""
