@@ -312,7 +312,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the tables."""
     args = parse_args(argv)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)  # piped: do not squeeze the table
     started = dt.datetime.now().astimezone()
     header = f"{started:%Y-%m-%d %H:%M %Z}; {machine()}; onnxruntime {ort.__version__}; onnxopt --passes {args.passes}"
     console.print(header)
