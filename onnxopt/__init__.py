@@ -54,6 +54,7 @@ def optimize(
     passes: str | Sequence[Any] = "default",
     *,
     target: str = "portable",
+    opset: int | None = None,
     verify: str = "off",
     inputs: str | os.PathLike[str] | Mapping[str, Any] | None = None,
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
@@ -64,7 +65,8 @@ def optimize(
     """Optimize a model (path or ModelProto; a given ModelProto is not modified).
 
     ``passes`` is a pass string such as ``"cleanup,fold_constants:max_bytes=4096"`` or a
-    list of names, pass instances and :class:`FixpointGroup` objects. ``verify`` is "off",
+    list of names, pass instances and :class:`FixpointGroup` objects. ``opset`` upgrades the
+    model to that ai.onnx opset first (verified). ``verify`` is "off",
     "end" or "each"; verification inputs come from ``inputs`` (.npz path or dict) or are
     generated from the input specs with ``input_shapes`` for dynamic dimensions.
     """
@@ -74,6 +76,8 @@ def optimize(
     else:
         working = load(model)
     manager = PassManager.from_spec(passes, target=target, verify=verify, isolate=isolate)  # type: ignore[arg-type]
+    if opset is not None:
+        manager.steps.insert(0, get_pass("upgrade_opset")(version=opset))
     warnings = validate_model(working) if validate else []
     if verify != "off":
         from onnxopt.verify import Verifier

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -148,6 +149,9 @@ def _list_passes_callback(ctx: click.Context, _param, value: bool) -> None:
     show_default=True,
     help="Back end the passes optimize for.",
 )
+@click.option(
+    "--opset", type=click.IntRange(1), default=None, help="Upgrade to this ai.onnx opset first (onnx's version converter, verified)."
+)
 @click.option("--verify", "verify", is_flag=True, help="Compare outputs with the original in onnxruntime; fail past the tolerance.")
 @click.option(
     "--input-shape", "input_shapes", multiple=True, metavar="NAME:DxD...", help="Shape for a dynamic input (verification), repeatable."
@@ -161,18 +165,30 @@ def _list_passes_callback(ctx: click.Context, _param, value: bool) -> None:
 @click.option("-v", "--verbose", count=True, help="More output (-vv for debug logs).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors.")
 @click.option("--debug", is_flag=True, help="Verify after every pass (naming the first that diverges) and show tracebacks.")
-def optimize_command(
-    input_path, output_path, passes, target, verify, input_shapes, inputs_path, report_path, external_data, verbose, quiet, debug
-) -> None:
+def optimize_command(**options) -> None:
     """Optimize IN.onnx into OUT.onnx (the input file is never modified)."""
-    _setup_logging(verbose, quiet)
+    request = OptimizeRequest(**options)
+    _setup_logging(request.verbose, request.quiet)
+    run_cli(lambda: _optimize(request), request.debug)
 
-    def work() -> None:
-        _optimize(
-            input_path, output_path, passes, target, verify, input_shapes, inputs_path, report_path, external_data, verbose, quiet, debug
-        )
 
-    run_cli(work, debug)
+@dataclass(frozen=True)
+class OptimizeRequest:
+    """The options of one ``onnxopt IN OUT`` run, as click parsed them."""
+
+    input_path: str
+    output_path: str
+    passes: str
+    target: str
+    opset: int | None
+    verify: bool
+    input_shapes: tuple[str, ...]
+    inputs_path: str | None
+    report_path: str | None
+    external_data: bool | None
+    verbose: int
+    quiet: bool
+    debug: bool
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -182,34 +198,36 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def _optimize(
-    input_path, output_path, passes, target, verify, input_shapes, inputs_path, report_path, external_data, verbose, quiet, debug
-) -> None:
+def _optimize(req: OptimizeRequest) -> None:
+    """Load, optimize, save and report one model."""
     from onnxopt.io import save
     from onnxopt.manager import PassManager
     from onnxopt.pipeline import build_pipeline
+    from onnxopt.registry import get_pass
     from onnxopt.verify import Verifier, parse_shape_overrides
 
-    if _same_file(input_path, output_path) or os.path.abspath(input_path) == os.path.abspath(output_path):
+    if _same_file(req.input_path, req.output_path) or os.path.abspath(req.input_path) == os.path.abspath(req.output_path):
         raise OnnxoptError("OUT.onnx is the input file; the input is never overwritten, choose another path")
-    if output_path and _same_file(f"{input_path}.data", f"{output_path}.data"):
+    if req.output_path and _same_file(f"{req.input_path}.data", f"{req.output_path}.data"):
         raise OnnxoptError("the output's data file would overwrite the input's; choose another path")
-    steps = build_pipeline(passes)  # reject bad pass strings before loading anything
-    shapes = parse_shape_overrides(input_shapes)
-    model = _load_checked(input_path)
-    mode = "each" if debug else ("end" if verify else "off")
-    manager = PassManager(steps, target=target, verify=mode, progress=_progress(quiet))
+    steps = build_pipeline(req.passes)  # reject bad pass strings before loading anything
+    if req.opset is not None:
+        steps.insert(0, get_pass("upgrade_opset")(version=req.opset))
+    shapes = parse_shape_overrides(req.input_shapes)
+    model = _load_checked(req.input_path)
+    mode = "each" if req.debug else ("end" if req.verify else "off")
+    manager = PassManager(steps, target=req.target, verify=mode, progress=_progress(req.quiet))
     if mode != "off":
-        manager.verifier = Verifier.from_model(model, inputs=inputs_path, input_shapes=shapes)
+        manager.verifier = Verifier.from_model(model, inputs=req.inputs_path, input_shapes=shapes)
     result = manager.run(model)
-    save(result.model, output_path, external_data=external_data)
+    save(result.model, req.output_path, external_data=req.external_data)
     report = result.report
-    if report_path:
-        _write_text(report_path, report.to_json())
-    if not quiet:
+    if req.report_path:
+        _write_text(req.report_path, report.to_json())
+    if not req.quiet:
         from onnxopt.report import render
 
-        render(report, _console(), verbose=verbose > 0)
+        render(report, _console(), verbose=req.verbose > 0)
         if report.verification:
             click.echo(_verification_line(report.verification), err=True)
         for warning in report.warnings:

@@ -6,6 +6,7 @@ from onnxopt.passes import (  # noqa: F401
     dead_code,
     fold_constants,
     noops,
+    opset,
     reshape_shapes,
     shape_inference,
     topological_sort,
