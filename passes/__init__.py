@@ -5,6 +5,7 @@ from onnxopt.passes import (  # noqa: F401
     cse,
     dead_code,
     fold_constants,
+    fuse_conv,
     noops,
     opset,
     reshape_shapes,
