@@ -10,23 +10,41 @@ from onnxopt.passbase import Pass, PassContext, PassResult, Requirement
 from onnxopt.registry import register_pass
 
 
-def constant_target(out_type: TypeProto | None) -> list[int] | None:
+def _same_dim(a, b) -> bool:
+    """Two dims proved equal by shape inference: equal static sizes or the same symbol."""
+    if a.HasField("dim_value") and b.HasField("dim_value"):
+        return a.dim_value == b.dim_value
+    return a.HasField("dim_param") and b.HasField("dim_param") and bool(a.dim_param) and a.dim_param == b.dim_param
+
+
+def _dims(type_proto: TypeProto | None):
+    if type_proto is None or type_proto.WhichOneof("value") != "tensor_type" or not type_proto.tensor_type.HasField("shape"):
+        return None
+    return list(type_proto.tensor_type.shape.dim)
+
+
+def constant_target(out_type: TypeProto | None, in_type: TypeProto | None = None, *, allowzero: bool = False) -> list[int] | None:
     """A constant Reshape target that yields ``out_type``'s shape, or None.
 
-    Static dims are copied; at most one unknown dim becomes -1 (inferred from the
-    element count, which the original Reshape already matched). Zero-sized dims are
-    refused, since 0 means "copy the input's dim" unless allowzero is set and -1 cannot
-    be inferred next to a zero.
+    Static dims are copied. Without ``allowzero``, a dim proved equal to the input's dim
+    at the same position becomes 0 (Reshape copies it). At most one other unknown dim
+    becomes -1 (inferred from the element count, which the original Reshape already
+    matched). Zero-sized dims are refused: 0 means "copy" unless allowzero is set, and -1
+    cannot be inferred next to a zero.
     """
-    if out_type is None or out_type.WhichOneof("value") != "tensor_type" or not out_type.tensor_type.HasField("shape"):
+    out_dims = _dims(out_type)
+    if out_dims is None:
         return None
+    in_dims = _dims(in_type) or []
     target: list[int] = []
     unknown = 0
-    for dim in out_type.tensor_type.shape.dim:
+    for index, dim in enumerate(out_dims):
         if dim.HasField("dim_value") and dim.dim_value > 0:
             target.append(dim.dim_value)
         elif dim.HasField("dim_value") and dim.dim_value == 0:
             return None
+        elif not allowzero and index < len(in_dims) and _same_dim(dim, in_dims[index]):
+            target.append(0)
         else:
             unknown += 1
             target.append(-1)
@@ -38,11 +56,12 @@ class ConstantReshapeShapes(Pass):
     """Replace a Reshape's computed target shape by a constant that shape inference proved.
 
     Exporters compute targets such as Concat(Shape(x)[0:1], [512, 256]) for a dynamic
-    batch; when inference knows every output dim but at most one, the target becomes a
-    constant (the unknown dim as -1) and the shape computation is left to dead-code
-    elimination. Pre: inferred types. Post: such Reshapes read a constant int64 target;
-    outputs are unchanged. Skipped for IR < 4 (initializers would have to be inputs) and
-    opset < 5 (the target was an attribute).
+    batch; when inference knows every output dim, or proves it equal to the input's dim at
+    the same position (written 0), but at most one, the target becomes a constant (the
+    unknown dim as -1) and the shape computation is left to dead-code elimination.
+    Pre: inferred types. Post: such Reshapes read a constant int64 target; outputs are
+    unchanged. Skipped for IR < 4 (initializers would have to be inputs) and opset < 5
+    (the target was an attribute).
     """
 
     name = "constant_reshape_shapes"
@@ -75,4 +94,5 @@ class ConstantReshapeShapes(Pass):
         producer = view.producer.get(node.input[1])
         if producer is not None and producer.op_type == "Constant":
             return None
-        return constant_target(ctx.types.get(node.output[0]))
+        allowzero = any(a.name == "allowzero" and a.i for a in node.attribute)
+        return constant_target(ctx.types.get(node.output[0]), ctx.types.get(node.input[0]), allowzero=allowzero)

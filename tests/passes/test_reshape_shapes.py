@@ -30,7 +30,7 @@ def _target(model):
 def test_dynamic_batch_target_becomes_constant():
     model = _model([32])
     result = run_pass(model, "constant_reshape_shapes,eliminate_dead_code")
-    assert _target(result.model) == [-1, 32]
+    assert _target(result.model) == [0, 32]  # the batch dim is proved equal to the input's: copied
     assert op_types(result.model) == ["Reshape", "Relu"]
     assert result.report.passes[0].counts == {"reshape_targets": 1}
     for batch in (1, 5):
@@ -46,12 +46,26 @@ def test_static_target_has_no_minus_one():
 
 @pytest.mark.parametrize(
     "in_shape, tail, why",
-    [(("N", "M", 4), [-1], "two unknown dims"), (("N", 0, 4), [0], "a zero-sized dim")],
+    [(("N", 0, 4), [0], "a zero-sized dim")],
 )
 def test_ambiguous_targets_are_left_alone(in_shape, tail, why):
     model = _model(tail, in_shape=in_shape, out_shape=("N", None))
     result = run_pass(model, "constant_reshape_shapes")
     assert result.report.passes[0].status == "unchanged", why
+
+
+def test_two_unknown_dims_in_new_positions_are_left_alone():
+    """[N, M] -> [M, N]: neither dim is copied from the same position; -1 can stand for only one."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Slice", ["s", "one", "two"], ["m"]),
+        helper.make_node("Slice", ["s", "zero", "one"], ["n"]),
+        helper.make_node("Concat", ["m", "n"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["y"]),
+    ]
+    inits = [init(k, np.array([v], np.int64)) for k, v in (("zero", 0), ("one", 1), ("two", 2))]
+    model = make_model(nodes, [tensor_input("x", ["N", "M"])], [tensor_input("y", ["M", "N"])], inits)
+    assert run_pass(model, "constant_reshape_shapes").report.passes[0].status == "unchanged"
 
 
 def test_constant_targets_and_old_ir_are_left_alone():
@@ -97,3 +111,33 @@ def test_inside_a_loop_body_is_handled_per_graph():
     result = run_pass(model, "constant_reshape_shapes")
     assert result.report.passes[0].counts == {"reshape_targets": 1}
     assert_equivalent(model, result.model, input_shapes={"x": (3, 8, 4)})
+
+
+def test_dims_copied_from_the_input_become_zero():
+    """[batch, seq, 384] -> [batch, seq, 12, 32] with batch and seq computed by Shape/Gather."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Slice", ["s", "zero", "two"], ["bs"]),
+        helper.make_node("Concat", ["bs", "tail"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["r"]),
+        helper.make_node("Relu", ["r"], ["y"]),
+    ]
+    inits = [init("zero", np.array([0], np.int64)), init("two", np.array([2], np.int64)), init("tail", np.array([12, 32], np.int64))]
+    model = make_model(nodes, [tensor_input("x", ["B", "S", 384])], [tensor_input("y", ["B", "S", 12, 32])], inits)
+    result = run_pass(model, "constant_reshape_shapes,eliminate_dead_code")
+    assert _target(result.model) == [0, 0, 12, 32]
+    assert op_types(result.model) == ["Reshape", "Relu"]
+    for shape in ((1, 5, 384), (3, 2, 384)):
+        assert_equivalent(model, result.model, input_shapes={"x": shape})
+
+
+def test_allowzero_never_uses_zero_for_copies():
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Slice", ["s", "zero", "two"], ["bs"]),
+        helper.make_node("Concat", ["bs", "tail"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["y"], allowzero=1),
+    ]
+    inits = [init("zero", np.array([0], np.int64)), init("two", np.array([2], np.int64)), init("tail", np.array([12, 32], np.int64))]
+    model = make_model(nodes, [tensor_input("x", ["B", "S", 384])], [tensor_input("y", ["B", "S", 12, 32])], inits, opset=18)
+    assert run_pass(model, "constant_reshape_shapes").report.passes[0].status == "unchanged"
