@@ -1,0 +1,235 @@
+"""Tests of fuse_activations: GELU (erf, tanh), HardSwish, Mish, Softplus forms, opset limits and guards."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+from helpers import assert_equivalent, init, make_model, op_types, run_pass, tensor_input
+from onnx import ModelProto, TensorProto, helper
+
+import onnxopt.passes.fuse_activation  # noqa: F401  (registers the pass)
+from models.build import transformer_block
+from onnxopt.errors import OptionError
+
+PASS = "fuse_activations"
+F32 = TensorProto.FLOAT
+SHAPE = (2, 3, 8)
+
+
+def counts(result) -> dict[str, int]:
+    """The counts of the fuse_activations run."""
+    return next(r.counts for r in result.report.passes if r.name == PASS)
+
+
+def model_of(steps: list[tuple], consts: dict[str, float], *, opset: int, last: str, extra_outputs: tuple[str, ...] = ()) -> ModelProto:
+    """x -> steps (op, inputs, output, attrs) -> Neg(last) -> y; ``consts`` become scalar initializers."""
+    nodes = [helper.make_node(op, list(ins), [out], **(attrs[0] if attrs else {})) for op, ins, out, *attrs in steps]
+    nodes.append(helper.make_node("Neg", [last], ["y"]))
+    inits = [init(name, np.array(value, np.float32)) for name, value in consts.items()]
+    outputs = [helper.make_tensor_value_info(n, F32, [None] * 3) for n in ("y", *extra_outputs)]
+    return make_model(nodes, [tensor_input("x", SHAPE)], outputs, inits, opset=opset)
+
+
+SQRT2 = math.sqrt(2.0)
+ERF_FORMS = {
+    # torch legacy exporter: Div by sqrt(2), Erf, Add 1, Mul x, Mul 0.5
+    "div_then_half": (
+        [("Div", ("x", "k"), "u"), ("Erf", ("u",), "e"), ("Add", ("e", "one"), "a"), ("Mul", ("x", "a"), "p"), ("Mul", ("p", "half"), "g")],
+        {"k": np.float32(SQRT2), "one": 1.0, "half": 0.5},
+    ),
+    # Mul by 1/sqrt(2), 1 + erf, 0.5 * x first
+    "mul_half_first": (
+        [("Mul", ("k", "x"), "u"), ("Erf", ("u",), "e"), ("Add", ("one", "e"), "a"), ("Mul", ("half", "x"), "p"), ("Mul", ("a", "p"), "g")],
+        {"k": np.float32(1 / SQRT2), "one": 1.0, "half": 0.5},
+    ),
+    # 0.5 multiplied into the gate: x * ((1 + erf) * 0.5)
+    "half_in_gate": (
+        [("Div", ("x", "k"), "u"), ("Erf", ("u",), "e"), ("Add", ("e", "one"), "a"), ("Mul", ("a", "half"), "p"), ("Mul", ("x", "p"), "g")],
+        {"k": np.float32(SQRT2), "one": 1.0, "half": 0.5},
+    ),
+}
+
+
+@pytest.mark.parametrize("form", sorted(ERF_FORMS))
+def test_erf_gelu(form) -> None:
+    steps, consts = ERF_FORMS[form]
+    model = model_of(steps, consts, opset=20, last="g")
+    result = run_pass(model, PASS)
+    assert counts(result) == {"gelu": 1}
+    assert op_types(result.model) == ["Gelu", "Neg"]
+    assert [a.s for a in result.model.graph.node[0].attribute if a.name == "approximate"] == [b"none"]
+    assert_equivalent(model, result.model)
+
+
+def test_erf_gelu_below_opset_20_with_note() -> None:
+    steps, consts = ERF_FORMS["div_then_half"]
+    model = model_of(steps, consts, opset=19, last="g")
+    result = run_pass(model, PASS)
+    assert "Gelu" not in op_types(result.model)
+    assert any("Gelu needs ai.onnx opset >= 20" in w for w in result.report.warnings)
+
+
+@pytest.mark.parametrize(
+    ("consts", "extra", "why"),
+    [
+        ({"k": 1.5, "one": 1.0, "half": 0.5}, (), "wrong sqrt(2)"),
+        ({"k": np.float32(SQRT2), "one": 1.0, "half": 0.25}, (), "wrong 0.5"),
+        ({"k": np.float32(SQRT2), "one": 2.0, "half": 0.5}, (), "wrong 1"),
+        ({"k": np.float32(SQRT2), "one": 1.0, "half": 0.5}, ("e",), "intermediate is a graph output"),
+    ],
+)
+def test_erf_gelu_guards(consts, extra, why) -> None:
+    steps, _ = ERF_FORMS["div_then_half"]
+    model = model_of(steps, consts, opset=20, last="g", extra_outputs=extra)
+    result = run_pass(model, PASS)
+    assert "Gelu" not in op_types(result.model), why
+    assert_equivalent(model, result.model)
+
+
+def test_rank_raising_constant_blocks() -> None:
+    steps, consts = ERF_FORMS["div_then_half"]
+    model = model_of(steps, consts, opset=20, last="g")
+    model.graph.initializer[2].CopyFrom(init("half", np.full((1, 1, 1, 1), 0.5, np.float32)))  # rank 4 > rank 3
+    model.graph.output[0].type.tensor_type.shape.dim.add()
+    result = run_pass(model, PASS)
+    assert "Gelu" not in op_types(result.model)
+
+
+def test_tanh_gelu_torch_form() -> None:
+    c = math.sqrt(2 / math.pi)
+    steps = [
+        ("Pow", ("x", "three"), "x3"),
+        ("Mul", ("x3", "k"), "t"),
+        ("Add", ("x", "t"), "s"),
+        ("Mul", ("s", "c"), "u"),
+        ("Tanh", ("u",), "h"),
+        ("Add", ("h", "one"), "a"),
+        ("Mul", ("half", "x"), "p"),
+        ("Mul", ("p", "a"), "g"),
+    ]
+    model = model_of(steps, {"three": 3.0, "k": 0.044715, "c": c, "one": 1.0, "half": 0.5}, opset=20, last="g")
+    result = run_pass(model, PASS)
+    assert counts(result) == {"gelu_tanh": 1}
+    assert op_types(result.model) == ["Gelu", "Neg"]
+    assert_equivalent(model, result.model)
+
+
+def test_tanh_gelu_jax2tf_form() -> None:
+    """magika's form: x * (0.5 * (1 + tanh(c * (x + x * (x * (0.044715 * x))))))."""
+    steps = [
+        ("Mul", ("k", "x"), "m1"),
+        ("Mul", ("x", "m1"), "m2"),
+        ("Mul", ("x", "m2"), "m3"),
+        ("Add", ("x", "m3"), "s"),
+        ("Mul", ("c", "s"), "u"),
+        ("Tanh", ("u",), "h"),
+        ("Add", ("one", "h"), "a"),
+        ("Mul", ("half", "a"), "p"),
+        ("Mul", ("x", "p"), "g"),
+    ]
+    consts = {"k": 0.044715, "c": 0.7978845834732056, "one": 1.0, "half": 0.5}
+    model = model_of(steps, consts, opset=20, last="g")
+    result = run_pass(model, PASS)
+    assert counts(result) == {"gelu_tanh": 1}
+    assert_equivalent(model, result.model)
+    wrong = model_of(steps, {**consts, "k": 0.05}, opset=20, last="g")
+    assert "Gelu" not in op_types(run_pass(wrong, PASS).model)
+
+
+HSWISH = [("HardSigmoid", ("x",), "h", {"alpha": 1 / 6, "beta": 0.5}), ("Mul", ("x", "h"), "g")]
+
+
+def test_hardswish() -> None:
+    model = model_of(HSWISH, {}, opset=14, last="g")
+    result = run_pass(model, PASS)
+    assert counts(result) == {"hardswish": 1}
+    assert op_types(result.model) == ["HardSwish", "Neg"]
+    assert_equivalent(model, result.model)
+
+
+def test_hardswish_guards() -> None:
+    assert "HardSwish" not in op_types(run_pass(model_of(HSWISH, {}, opset=13, last="g"), PASS).model)
+    steps = [("HardSigmoid", ("x",), "h", {"alpha": 0.2, "beta": 0.5}), ("Mul", ("x", "h"), "g")]
+    assert "HardSwish" not in op_types(run_pass(model_of(steps, {}, opset=14, last="g"), PASS).model)
+    steps = [*HSWISH, ("Add", ("g", "h"), "z")]  # h read outside the pattern
+    assert "HardSwish" not in op_types(run_pass(model_of(steps, {}, opset=14, last="z"), PASS).model)
+
+
+MISH_OP = [("Softplus", ("x",), "s"), ("Tanh", ("s",), "t"), ("Mul", ("t", "x"), "g")]
+MISH_LOG = [("Exp", ("x",), "e"), ("Add", ("e", "one"), "a"), ("Log", ("a",), "s"), ("Tanh", ("s",), "t"), ("Mul", ("x", "t"), "g")]
+
+
+@pytest.mark.parametrize("steps", [MISH_OP, MISH_LOG], ids=["softplus_op", "log_exp"])
+def test_mish(steps) -> None:
+    model = model_of(steps, {"one": 1.0}, opset=18, last="g")
+    result = run_pass(model, PASS)
+    assert counts(result) == {"mish": 1}
+    assert op_types(result.model) == ["Mish", "Neg"]
+    assert_equivalent(model, result.model)
+
+
+def test_mish_below_opset_18_keeps_softplus_fusion() -> None:
+    model = model_of(MISH_LOG, {"one": 1.0}, opset=17, last="g")
+    result = run_pass(model, PASS)
+    assert counts(result) == {"softplus": 1}
+    assert op_types(result.model) == ["Softplus", "Tanh", "Mul", "Neg"]
+    assert_equivalent(model, result.model)
+
+
+def test_softplus_guard_extra_reader() -> None:
+    steps = [("Exp", ("x",), "e"), ("Add", ("e", "one"), "a"), ("Log", ("a",), "s"), ("Add", ("s", "e"), "z")]
+    model = model_of(steps, {"one": 1.0}, opset=17, last="z")
+    assert "Softplus" not in op_types(run_pass(model, PASS).model)
+
+
+def test_swish_is_left_alone() -> None:
+    model = model_of([("Sigmoid", ("x",), "s"), ("Mul", ("x", "s"), "g")], {}, opset=20, last="g")
+    result = run_pass(model, PASS)
+    assert op_types(result.model) == ["Sigmoid", "Mul", "Neg"]
+
+
+def test_transformer_block_at_opset_20() -> None:
+    model = transformer_block()
+    assert "Gelu" not in op_types(run_pass(model, PASS).model)  # opset 17: no Gelu
+    result = run_pass(model, "upgrade_opset:version=20," + PASS)
+    assert counts(result) == {"gelu": 1}
+    assert "Erf" not in op_types(result.model)
+    assert_equivalent(model, result.model, input_shapes={"x": (2, 5, 32)})
+
+
+def test_kinds_option() -> None:
+    steps, consts = ERF_FORMS["div_then_half"]
+    model = model_of(steps, consts, opset=20, last="g")
+    assert "Gelu" not in op_types(run_pass(model, [f"{PASS}:kinds=mish"]).model)
+    with pytest.raises(OptionError):
+        run_pass(model, f"{PASS}:kinds=nope")
+
+
+def test_deterministic() -> None:
+    model = transformer_block()
+    spec = "upgrade_opset:version=20," + PASS
+    assert run_pass(model, spec).model.SerializeToString(deterministic=True) == run_pass(model, spec).model.SerializeToString(
+        deterministic=True
+    )
+
+
+def test_subgraph_is_fused() -> None:
+    body = onnx.helper.make_graph(
+        [helper.make_node("HardSigmoid", ["x"], ["h"], alpha=1 / 6, beta=0.5), helper.make_node("Mul", ["x", "h"], ["o"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("o", F32, list(SHAPE))],
+    )
+    other = onnx.helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["o2"])], "else", [], [helper.make_tensor_value_info("o2", F32, list(SHAPE))]
+    )
+    nodes = [helper.make_node("If", ["c"], ["y"], then_branch=body, else_branch=other)]
+    model = make_model(nodes, [tensor_input("x", SHAPE), tensor_input("c", [], TensorProto.BOOL)], [tensor_input("y", SHAPE)], opset=14)
+    result = run_pass(model, PASS)
+    branch = next(a.g for a in result.model.graph.node[0].attribute if a.name == "then_branch")
+    assert [n.op_type for n in branch.node] == ["HardSwish"]
+    feeds = {"x": np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32) * 4, "c": np.array(True)}
+    assert_equivalent(model, result.model, feeds)
