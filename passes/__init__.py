@@ -7,6 +7,8 @@ from onnxopt.passes import (  # noqa: F401
     fold_constants,
     fuse_activation,
     fuse_conv,
+    fuse_layout,
+    fuse_linear,
     fuse_norm,
     noops,
     opset,
