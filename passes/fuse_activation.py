@@ -18,7 +18,7 @@ from onnx import NodeProto, helper
 from onnxopt.errors import OptionError
 from onnxopt.graph import GraphScope, GraphView, is_standard
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, option
-from onnxopt.passes.fuse_norm import (
+from onnxopt.passes.fusion_support import (
     FLOAT_TYPES,
     Fusion,
     apply_fusions,

@@ -15,7 +15,7 @@ from onnx import GraphProto, NodeProto, helper
 from onnxopt.graph import GraphScope, GraphView, is_standard, names_defined_below, rename_inputs
 from onnxopt.passbase import Pass, PassContext, PassResult, Requirement
 from onnxopt.passes.fuse_linear import node_attrs
-from onnxopt.passes.fuse_norm import check_private, debug, producer
+from onnxopt.passes.fusion_support import check_private, debug, producer
 from onnxopt.passes.noop_rules import NoMatch, constant_array, default_opset, dims_of, get_attr, int_list, require
 from onnxopt.registry import register_pass
 

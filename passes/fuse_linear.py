@@ -15,7 +15,7 @@ from onnx import NodeProto, TensorProto, TypeProto, helper
 
 from onnxopt.graph import GraphScope, GraphView, is_standard
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, option
-from onnxopt.passes.fuse_norm import Fusion, apply_fusions, check_private, debug, elem, producer, select, sole_reader
+from onnxopt.passes.fusion_support import Fusion, apply_fusions, check_private, debug, elem, producer, select, sole_reader
 from onnxopt.passes.noop_rules import NoMatch, constant_array, constant_tensor, default_opset, dims_of, get_attr, require
 from onnxopt.registry import register_pass
 

@@ -1,0 +1,194 @@
+"""Shared match/rewrite toolkit of the fusion passes.
+
+A :class:`Fusion` records one match (the pattern's nodes and the op that replaces them);
+matchers raise :class:`~onnxopt.passes.noop_rules.NoMatch` with a readable reason; after every
+match of a graph was collected, :func:`select` drops overlapping or opset-blocked ones and
+:func:`apply_fusions` rewrites the graph once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from onnx import GraphProto, NodeProto, TensorProto, helper, numpy_helper
+
+from onnxopt.graph import GraphView, is_standard, node_label, opset_version
+from onnxopt.passbase import PassContext, PassResult
+from onnxopt.passes.noop_rules import NoMatch, constant_array, dims_of, require
+
+log = logging.getLogger("onnxopt")
+
+FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16})
+REL_TOL = 1e-6
+
+
+@dataclass
+class Fusion:
+    """One match: the pattern's nodes and the single standard op that replaces them.
+
+    ``inputs`` are value names, or numpy arrays that become new initializers at rewrite
+    time; ``output`` is the pattern's last value, which the new node writes.
+    """
+
+    kind: str
+    op_type: str
+    inputs: list[str | np.ndarray]
+    output: str
+    nodes: list[NodeProto]
+    opset: int
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def const_name(view: GraphView, name: str) -> np.ndarray | None:
+    """The value of a constant of this graph (initializer not a graph input, or Constant node), or None."""
+    return constant_array(view, name) if name else None
+
+
+def scalar(view: GraphView, name: str) -> tuple[float, int] | None:
+    """(value, rank) of a one-element floating-point constant, or None."""
+    array = const_name(view, name)
+    if array is None or array.size != 1 or array.dtype.kind != "f":
+        return None
+    return float(array.reshape(-1)[0]), array.ndim
+
+
+def close(value: float, expected: float, dtype: np.dtype | None = None) -> bool:
+    """Whether ``value`` equals ``expected`` within 1e-6 relative (or the dtype's epsilon when coarser)."""
+    tol = REL_TOL
+    if dtype is not None and np.dtype(dtype).kind == "f":
+        tol = max(tol, float(np.finfo(dtype).eps))
+    return abs(value - expected) <= tol * abs(expected)
+
+
+def producer(view: GraphView, name: str, op_type: str | tuple[str, ...]) -> NodeProto:
+    """The standard node of type ``op_type`` writing ``name``; NoMatch otherwise."""
+    node = view.producer.get(name)
+    types = (op_type,) if isinstance(op_type, str) else op_type
+    require(node is not None and node.op_type in types and is_standard(node), f"'{name}' is not made by {'/'.join(types)}")
+    return node  # type: ignore[return-value]
+
+
+def sole_reader(view: GraphView, name: str, op_type: str | tuple[str, ...]) -> NodeProto:
+    """The only node reading ``name`` (once or several times), of type ``op_type``; NoMatch otherwise."""
+    readers = unique(view.consumers.get(name, []))
+    types = (op_type,) if isinstance(op_type, str) else op_type
+    require(len(readers) == 1, f"'{name}' has {len(readers)} readers, the pattern needs one")
+    node = readers[0]
+    require(node.op_type in types and is_standard(node), f"'{name}' is read by {node.op_type}, not {'/'.join(types)}")
+    return node
+
+
+def unique(nodes: list[NodeProto]) -> list[NodeProto]:
+    """``nodes`` without repeats (a node reading a value twice is listed twice by GraphView)."""
+    seen: dict[int, NodeProto] = {}
+    for node in nodes:
+        seen.setdefault(id(node), node)
+    return list(seen.values())
+
+
+def other_input(node: NodeProto, name: str) -> str:
+    """The other input of a two-input node one of whose inputs is ``name``."""
+    require(len(node.input) == 2 and name in node.input, f"{node_label(node)} does not read '{name}' as one of two inputs")
+    return node.input[1] if node.input[0] == name else node.input[0]
+
+
+def check_private(view: GraphView, nodes: list[NodeProto], output: str) -> None:
+    """Every value the pattern's nodes write, except ``output``, must be read only inside the pattern."""
+    members = {id(n) for n in nodes}
+    for node in nodes:
+        require(is_standard(node), f"{node_label(node)} is not a standard op")
+        for name in node.output:
+            if not name or name == output:
+                continue
+            require(name not in view.graph_outputs, f"the intermediate '{name}' is a graph output")
+            outside = [r for r in view.consumers.get(name, []) if id(r) not in members]
+            require(not outside, f"the intermediate '{name}' is also read by {node_label(outside[0])}" if outside else "")
+
+
+def elem(ctx: PassContext, name: str) -> int:
+    """The inferred element type of ``name`` (0 when unknown)."""
+    type_proto = ctx.types.get(name)
+    if type_proto is None or type_proto.WhichOneof("value") != "tensor_type":
+        return 0
+    return type_proto.tensor_type.elem_type
+
+
+def rank(ctx: PassContext, name: str) -> int | None:
+    """The inferred rank of ``name``, or None."""
+    dims = dims_of(ctx.types.get(name))
+    return None if dims is None else len(dims)
+
+
+def apply_fusions(graph: GraphProto, view: GraphView, fusions: list[Fusion], ctx: PassContext, result: PassResult) -> None:
+    """Replace each fusion's nodes by its new node, placed where the pattern's output was made.
+
+    Fusions must not share nodes. New initializers get fresh names; value_info of the values
+    that disappeared is dropped.
+    """
+    if not fusions:
+        return
+    replaced: dict[int, list[NodeProto]] = {}
+    stale: set[str] = set()
+    for fusion in fusions:
+        inputs: list[str] = []
+        for index, item in enumerate(fusion.inputs):
+            if isinstance(item, str):
+                inputs.append(item)
+                continue
+            name = ctx.names.fresh(f"{fusion.output}_{fusion.op_type.lower()}_in{index}")
+            graph.initializer.append(numpy_helper.from_array(item, name))
+            inputs.append(name)
+        node = helper.make_node(
+            fusion.op_type, inputs, [fusion.output], name=ctx.names.fresh(f"{fusion.output}_{fusion.op_type}"), **fusion.attrs
+        )
+        for old in fusion.nodes:
+            replaced[id(old)] = []
+            stale.update(o for o in old.output if o and o != fusion.output)
+        replaced[id(view.producer[fusion.output])] = [node]
+        result.count(fusion.kind)
+    rebuilt: list[NodeProto] = []
+    for old in view.nodes:
+        rebuilt.extend(replaced.get(id(old), [old]))
+    del graph.node[:]
+    graph.node.extend(rebuilt)
+    if any(v.name in stale for v in graph.value_info):
+        kept = [v for v in graph.value_info if v.name not in stale]
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+
+
+def select(fusions: list[Fusion], claimed: set[int], ctx: PassContext, pass_name: str, result: PassResult) -> list[Fusion]:
+    """Fusions that do not overlap earlier ones and whose op the model's opset has.
+
+    Matches blocked by the opset are reported once per kind as a note with the reason.
+    """
+    opset = opset_version(ctx.model) or 1
+    chosen: list[Fusion] = []
+    blocked: Counter = Counter()
+    needed: dict[str, tuple[str, int]] = {}
+    for fusion in fusions:
+        ids = {id(n) for n in fusion.nodes}
+        if ids & claimed:
+            continue
+        if opset < fusion.opset:
+            blocked[fusion.kind] += 1
+            needed[fusion.kind] = (fusion.op_type, fusion.opset)
+            continue
+        claimed |= ids
+        chosen.append(fusion)
+    for kind, amount in blocked.items():
+        op, version = needed[kind]
+        result.notes.append(
+            f"{pass_name}: {amount} {kind} subgraph(s) kept: {op} needs ai.onnx opset >= {version}, the model imports {opset}"
+        )
+    return chosen
+
+
+def debug(pass_name: str, node: NodeProto, exc: NoMatch) -> None:
+    """Log why a candidate anchor node did not match (debug level)."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s: %s does not match: %s", pass_name, node_label(node), exc)
