@@ -66,7 +66,7 @@ def optimize(
 
     ``passes`` is a pass string such as ``"cleanup,fold_constants:max_bytes=4096"`` or a
     list of names, pass instances and :class:`FixpointGroup` objects. ``opset`` upgrades the
-    model to that ai.onnx opset first (verified). ``verify`` is "off",
+    model to that ai.onnx opset first (verified); target ``trt`` upgrades to at least 17. ``verify`` is "off",
     "end" or "each"; verification inputs come from ``inputs`` (.npz path or dict) or are
     generated from the input specs with ``input_shapes`` for dynamic dimensions.
     """
@@ -75,9 +75,7 @@ def optimize(
         working.CopyFrom(model)
     else:
         working = load(model)
-    manager = PassManager.from_spec(passes, target=target, verify=verify, isolate=isolate)  # type: ignore[arg-type]
-    if opset is not None:
-        manager.steps.insert(0, get_pass("upgrade_opset")(version=opset))
+    manager = PassManager.from_spec(passes, target=target, verify=verify, isolate=isolate, opset=opset)  # type: ignore[arg-type]
     warnings = validate_model(working) if validate else []
     if verify != "off":
         from onnxopt.verify import Verifier

@@ -203,7 +203,6 @@ def _optimize(req: OptimizeRequest) -> None:
     from onnxopt.io import save
     from onnxopt.manager import PassManager
     from onnxopt.pipeline import build_pipeline
-    from onnxopt.registry import get_pass
     from onnxopt.verify import Verifier, parse_shape_overrides
 
     if _same_file(req.input_path, req.output_path) or os.path.abspath(req.input_path) == os.path.abspath(req.output_path):
@@ -211,12 +210,10 @@ def _optimize(req: OptimizeRequest) -> None:
     if req.output_path and _same_file(f"{req.input_path}.data", f"{req.output_path}.data"):
         raise OnnxoptError("the output's data file would overwrite the input's; choose another path")
     steps = build_pipeline(req.passes)  # reject bad pass strings before loading anything
-    if req.opset is not None:
-        steps.insert(0, get_pass("upgrade_opset")(version=req.opset))
     shapes = parse_shape_overrides(req.input_shapes)
     model = _load_checked(req.input_path)
     mode = "each" if req.debug else ("end" if req.verify else "off")
-    manager = PassManager(steps, target=req.target, verify=mode, progress=_progress(req.quiet))
+    manager = PassManager(steps, target=req.target, verify=mode, progress=_progress(req.quiet), opset=req.opset)
     if mode != "off":
         manager.verifier = Verifier.from_model(model, inputs=req.inputs_path, input_shapes=shapes)
     result = manager.run(model)

@@ -32,6 +32,7 @@ log = logging.getLogger("onnxopt")
 
 VerifyMode = Literal["off", "end", "each"]
 CHECKPOINT_LIMIT = 512 << 20  # models larger than this are not checkpointed per pass
+TRT_MIN_OPSET = 17  # LayerNormalization exists from opset 17; TensorRT's parser takes it
 
 
 @dataclass
@@ -64,6 +65,7 @@ class PassManager:
     progress: ProgressCallback | None = None
     stats_per_pass: bool = True
     calibration: Any = None
+    opset: int | None = None
     _report: Report = field(default_factory=Report, init=False)
     _can_checkpoint: bool = field(default=True, init=False)
 
@@ -77,7 +79,19 @@ class PassManager:
             raise OnnxoptError(f"unknown target '{self.target}' (choose from {', '.join(TARGETS)})")
         if self.verify not in ("off", "end", "each"):
             raise OnnxoptError(f"unknown verify mode '{self.verify}' (off, end or each)")
+        self._add_opset_upgrade()
         self._check_requirements()
+
+    def _add_opset_upgrade(self) -> None:
+        """Put the requested (or the target's minimum) opset upgrade before the first step."""
+        from onnxopt.registry import get_pass
+
+        upgrades = []
+        if self.opset is not None:
+            upgrades.append(get_pass("upgrade_opset")(version=self.opset))
+        if self.target == "trt" and (self.opset or 0) < TRT_MIN_OPSET:
+            upgrades.append(get_pass("upgrade_opset")(version=TRT_MIN_OPSET, strict=False))
+        self.steps[:0] = upgrades
 
     def _passes(self) -> list[Pass]:
         flat: list[Pass] = []
@@ -152,7 +166,8 @@ class PassManager:
         record = PassRecord(p.name, step, iteration, "changed" if result.modified else "unchanged", dict(result.counts), seconds)
         self._fill_stats(record, ctx, result.modified)
         self._report.passes.append(record)
-        self._report.warnings.extend(result.notes)
+        seen = set(self._report.warnings)  # a note repeated by later fixpoint iterations is reported once
+        self._report.warnings.extend(n for n in dict.fromkeys(result.notes) if n not in seen)
         if result.modified:
             log.info("%s: %s (%.0f ms)", p.name, result.summary(), seconds * 1000)
             if self.verify == "each":

@@ -67,19 +67,31 @@ def all_passes() -> dict[str, type[Pass]]:
 
 # Presets: a name standing for a pipeline. A list inside the list is a fixpoint group,
 # run repeatedly until no pass in it changes the model.
-CLEANUP = [
-    [
-        "eliminate_noops",
-        "fold_constants",
-        "constant_reshape_shapes",
-        "lift_constants",
-        "dedupe_initializers",
-        "eliminate_common_subexpressions",
-        "eliminate_dead_code",
-    ],
-    "sort_topologically",
+CLEANUP_GROUP = [
+    "eliminate_noops",
+    "fold_constants",
+    "constant_reshape_shapes",
+    "lift_constants",
+    "dedupe_initializers",
+    "eliminate_common_subexpressions",
+    "eliminate_dead_code",
+]
+# Fusions: each reads the run's target and the model's opset, and leaves alone what they do
+# not allow. Value-changing-free rewrites first; div_to_mul last so the GELU matcher still sees
+# the exporter's Div by sqrt(2).
+FUSION_GROUP = [
+    "fold_batchnorm",
+    "fold_conv_affine",
+    "fuse_pad_into_conv",
+    "fuse_layernorm",
+    "fuse_activations",
+    "fuse_transpose_into_gemm",
+    "fuse_matmul_add",
+    "merge_layout_chains",
+    "div_to_mul",
 ]
 PRESETS: dict[str, list] = {
-    "cleanup": CLEANUP,
-    "default": CLEANUP,
+    "cleanup": [CLEANUP_GROUP, "sort_topologically"],
+    "fuse": [FUSION_GROUP, "sort_topologically"],
+    "default": [[*CLEANUP_GROUP, *FUSION_GROUP], "sort_topologically"],
 }

@@ -21,6 +21,7 @@ class UpgradeOpsetOptions(PassOptions):
 
     version: int = option(0, "the ai.onnx opset to upgrade to (required)")
     verify: bool = option(True, "compare outputs before and after in onnxruntime; refuse a converted model that differs")
+    strict: bool = option(True, "fail the run when the model cannot be upgraded (false: keep its opset and note why)")
 
     def validate(self) -> None:
         """The target must be a real opset this onnx knows."""
@@ -37,6 +38,8 @@ class UpgradeOpset(Pass):
     Gelu at 20). Pre: a valid model under 2 GB. Post: the model imports ai.onnx opset
     ``version`` and, with ``verify``, computes the same outputs on generated inputs (dynamic
     dims set to 1). A model already at or above ``version`` is left alone (never downgraded).
+    Without ``strict``, a model the converter cannot take (or that then differs) keeps its opset
+    and the run goes on with a note saying why.
     """
 
     name = "upgrade_opset"
@@ -44,8 +47,16 @@ class UpgradeOpset(Pass):
     preserves_types = False
 
     def run(self, model: ModelProto, ctx: PassContext) -> PassResult:
-        """Convert, verify, then replace the model's contents."""
+        """Convert, verify, then replace the model's contents (or note why not, without ``strict``)."""
         options: UpgradeOpsetOptions = self.options  # type: ignore[assignment]
+        try:
+            return self._upgrade(model, options)
+        except OnnxoptError as exc:
+            if options.strict:
+                raise
+            return PassResult(notes=[f"{exc}; the model keeps opset {opset_version(model) or 1}"])
+
+    def _upgrade(self, model: ModelProto, options: UpgradeOpsetOptions) -> PassResult:
         result = PassResult()
         current = opset_version(model) or 1
         if current >= options.version:

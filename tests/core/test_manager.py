@@ -227,3 +227,19 @@ def test_entry_point_plugins_are_loaded(tmp_path, monkeypatch):
     importlib.invalidate_caches()
     monkeypatch.setattr(registry, "_LOADED", False)
     assert registry.get_pass("test_plugin_pass").summary() == "A pass from a plugin."
+
+
+class NotesEveryRun(Pass):
+    """Test pass: changes nothing and leaves the same note each time it runs."""
+
+    name = "test_notes_every_run"
+
+    def run_graph(self, scope: GraphScope, ctx: PassContext) -> PassResult:
+        return PassResult(notes=["the same note"])
+
+
+def test_a_note_repeated_by_fixpoint_iterations_is_reported_once():
+    group = FixpointGroup([RemoveOneRelu(), NotesEveryRun()], name="g")
+    result = onnxopt.optimize(_chain_model(), [group], isolate=False)
+    assert len([r for r in result.report.passes if r.name == "test_notes_every_run"]) > 1
+    assert result.report.warnings.count("the same note") == 1

@@ -79,3 +79,27 @@ def test_converter_failure_is_one_line():
     with pytest.raises(OnnxoptError, match="upgrade_opset") as info:
         onnxopt.optimize(model, "eliminate_dead_code", opset=17, validate=False)
     assert "\n" not in str(info.value)
+
+
+def test_trt_target_upgrades_to_17():
+    model = _old_model()
+    result = onnxopt.optimize(model, "eliminate_dead_code", target="trt", isolate=False)
+    assert opset_version(result.model) == 17
+    assert_equivalent(model, result.model)
+
+
+def test_trt_target_keeps_a_higher_requested_opset():
+    result = onnxopt.optimize(_old_model(), "eliminate_dead_code", target="trt", opset=18, isolate=False)
+    assert opset_version(result.model) == 18
+
+
+def test_trt_target_goes_on_when_the_upgrade_is_impossible():
+    model = _old_model()
+    model.graph.node[0].input[0] = "undefined"
+    result = onnxopt.optimize(model, "eliminate_dead_code", target="trt", validate=False)
+    assert opset_version(result.model) == 11
+    assert any("upgrade_opset" in w and "keeps opset 11" in w for w in result.report.warnings)
+
+
+def test_portable_target_never_upgrades():
+    assert opset_version(onnxopt.optimize(_old_model(), "eliminate_dead_code").model) == 11
