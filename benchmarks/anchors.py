@@ -27,11 +27,15 @@ from pathlib import Path
 # Tool name -> (import name, distribution name) of what it needs installed.
 TOOLS: dict[str, tuple[str, str]] = {
     "onnxopt": ("onnxopt", "onnxopt"),
+    "onnxopt-ort": ("onnxopt", "onnxopt"),  # the same pipeline with --target ort-cpu (contrib-op fusions)
     "onnxslim": ("onnxslim", "onnxslim"),
     "onnxsim": ("onnxsim", "onnxsim"),
     "onnxoptimizer": ("onnxoptimizer", "onnxoptimizer"),
     "ort-offline": ("onnxruntime", "onnxruntime"),
+    "ort-transformers": ("onnxruntime.transformers", "onnxruntime"),  # onnxruntime's BERT fusion optimizer
 }
+# Tools that only make sense on transformer encoders (benchmarks/compare.py skips them elsewhere).
+TRANSFORMER_ONLY = frozenset({"ort-transformers"})
 
 
 @dataclass
@@ -82,16 +86,20 @@ def run_tool(tool: str, src: Path, dst: Path, *, passes: str, timeout: float) ->
 # ---------------------------------------------------------------- child side
 
 
-def _prepare_onnxopt(passes: str) -> Callable[[str, str], None]:
+def _prepare_onnxopt(passes: str, target: str = "portable") -> Callable[[str, str], None]:
     import onnxopt
 
     onnxopt.all_passes()  # load the pass registry outside the timer, like the other tools' imports
 
     def go(src: str, dst: str) -> None:
-        result = onnxopt.optimize(src, passes=passes)
+        result = onnxopt.optimize(src, passes=passes, target=target)
         onnxopt.save(result.model, dst)
 
     return go
+
+
+def _prepare_onnxopt_ort(passes: str) -> Callable[[str, str], None]:
+    return _prepare_onnxopt(passes, target="ort-cpu")
 
 
 def _prepare_onnxslim(passes: str) -> Callable[[str, str], None]:
@@ -140,12 +148,27 @@ def _prepare_ort_offline(passes: str) -> Callable[[str, str], None]:
     return go
 
 
+def _prepare_ort_transformers(passes: str) -> Callable[[str, str], None]:
+    import onnx
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    def go(src: str, dst: str) -> None:
+        # model_type bert with head count and hidden size detected from the graph; graph fusions only
+        # (opt_level 0: onnxruntime's own session optimizations are applied at load time anyway)
+        optimized = optimize_model(src, model_type="bert", num_heads=0, hidden_size=0, opt_level=0)
+        onnx.save(optimized.model, dst)
+
+    return go
+
+
 _PREPARE: dict[str, Callable[[str], Callable[[str, str], None]]] = {
     "onnxopt": _prepare_onnxopt,
+    "onnxopt-ort": _prepare_onnxopt_ort,
     "onnxslim": _prepare_onnxslim,
     "onnxsim": _prepare_onnxsim,
     "onnxoptimizer": _prepare_onnxoptimizer,
     "ort-offline": _prepare_ort_offline,
+    "ort-transformers": _prepare_ort_transformers,
 }
 
 

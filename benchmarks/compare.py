@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,7 +36,7 @@ for _path in (str(ROOT), str(HERE)):  # models.real lives at the repository root
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from anchors import TOOLS, run_tool, tool_version  # noqa: E402
+from anchors import TOOLS, TRANSFORMER_ONLY, run_tool, tool_version  # noqa: E402
 
 from models.real import REAL_MODELS, RealModelError, fetch  # noqa: E402
 from onnxopt.errors import OnnxoptError  # noqa: E402
@@ -50,6 +51,7 @@ class InputPlan:
 
     shapes: dict[str, tuple[int, ...]]
     int_high: int | None = None  # integer inputs drawn from [0, int_high) instead of generate_inputs' [0, 10)
+    int_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # per input: integers drawn from [low, high)
 
 
 # Benchmark-sized inputs (models.real's own shapes are smaller, sized for fast tests); a model
@@ -63,9 +65,28 @@ INPUT_PLANS: dict[str, InputPlan] = {
 }
 
 
+# Exports of benchmarks/export_transformers.py, by file-name prefix: the issue's encoder setting
+# (batch 8, sequence 128, token ids over BERT's vocabulary, no padding); others: their own shapes.
+EXPORT_PLANS: dict[str, InputPlan] = {
+    "minilm": InputPlan(
+        {"input_ids": (8, 128), "attention_mask": (8, 128)}, int_ranges={"input_ids": (0, 30522), "attention_mask": (1, 2)}
+    ),
+}
+TRANSFORMER_PREFIXES = ("minilm", "vit")  # models the transformer-only anchors are run on
+
+
 def input_plan(model: str) -> InputPlan:
     """The benchmark's plan for ``model``, else the input shapes models.real registers for it."""
-    return INPUT_PLANS.get(model) or InputPlan(dict(getattr(REAL_MODELS[model], "input_shapes", {}) or {}))
+    if model in INPUT_PLANS:
+        return INPUT_PLANS[model]
+    if model in REAL_MODELS:
+        return InputPlan(dict(getattr(REAL_MODELS[model], "input_shapes", {}) or {}))
+    return next((plan for prefix, plan in EXPORT_PLANS.items() if model.startswith(prefix)), InputPlan({}))
+
+
+def tools_for(model: str, tools: list[str]) -> list[str]:
+    """The tools that apply to ``model`` (transformer-only anchors only on transformer exports)."""
+    return [t for t in tools if t not in TRANSFORMER_ONLY or model.startswith(TRANSFORMER_PREFIXES)]
 
 
 @dataclass
@@ -84,6 +105,7 @@ class Row:
     latency_min_ms: float | None = None  # in --json only: the least noisy single run
     latency_ratio: float | None = None
     max_abs_diff: float | None = None
+    ops: dict[str, int] = field(default_factory=dict)  # op histogram of the saved model, subgraphs included
     path: str | None = field(default=None, repr=False)
 
 
@@ -92,14 +114,31 @@ def count_nodes(model: onnx.ModelProto) -> int:
     return sum(len(scope.graph.node) for scope in iter_scopes(model.graph))
 
 
+def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
+    """Nodes by op type (``domain::Op`` outside the standard domain), subgraphs included."""
+    nodes = [n for scope in iter_scopes(model.graph) for n in scope.graph.node]
+    ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in nodes)
+    return dict(sorted(ops.items()))
+
+
+def ops_gained(row: Row, original: Row) -> str:
+    """The op types the row has more of than the original (what its fusions produced), as ``Op+n``."""
+    gained = {op: n - original.ops.get(op, 0) for op, n in row.ops.items() if n > original.ops.get(op, 0)}
+    return " ".join(f"{op}+{n}" for op, n in sorted(gained.items(), key=lambda kv: (-kv[1], kv[0]))) or "-"
+
+
 def make_feeds(model: onnx.ModelProto, plan: InputPlan) -> dict[str, np.ndarray]:
     """Seeded inputs from onnxopt.verify.generate_inputs with the plan's shapes and integer range."""
     feeds, _notes = generate_inputs(model, plan.shapes, seed=0)
-    if plan.int_high is not None:
-        rng = np.random.default_rng(1)
-        for name, value in feeds.items():
-            if np.issubdtype(value.dtype, np.integer):
-                feeds[name] = rng.integers(0, plan.int_high, size=value.shape).astype(value.dtype)
+    rng = np.random.default_rng(1)
+    for name, value in feeds.items():
+        if not np.issubdtype(value.dtype, np.integer):
+            continue
+        if name in plan.int_ranges:
+            low, high = plan.int_ranges[name]
+            feeds[name] = rng.integers(low, high, size=value.shape).astype(value.dtype)
+        elif plan.int_high is not None:
+            feeds[name] = rng.integers(0, plan.int_high, size=value.shape).astype(value.dtype)
     return feeds
 
 
@@ -127,7 +166,8 @@ def optimize_with_tools(model: str, src: Path, tools: list[str], workdir: Path, 
         row.optimize_s = statistics.median(row.optimize_runs_s)
         row.bytes = os.path.getsize(row.path)
         try:
-            row.nodes = count_nodes(onnx.load(row.path))
+            saved = onnx.load(row.path)
+            row.nodes, row.ops = count_nodes(saved), op_histogram(saved)
         except Exception as exc:  # an unreadable result is a row status, not a crash
             row.status, row.path = f"output unreadable: {_short(exc)}", None
     return [rows[tool] for tool in tools]
@@ -198,12 +238,13 @@ def measure(rows: list[Row], feeds: dict[str, np.ndarray], args: argparse.Namesp
 def bench_model(model: str, tools: list[str], workdir: Path, args: argparse.Namespace, console: Console) -> list[Row]:
     """All rows of one model: the original first, then one per tool."""
     try:
-        src = Path(fetch(model))
+        src = args.export_paths[model] if model in args.export_paths else Path(fetch(model))
         original = onnx.load(src)
     except (RealModelError, OSError, OnnxoptError) as exc:
         return [Row(model, "original", status=f"model unavailable: {_short(exc)}")]
+    tools = tools_for(model, tools)
     console.print(f"[bold]{model}[/]: {src.name}, optimizing with {', '.join(tools)} ...")
-    rows = [Row(model, "original", nodes=count_nodes(original), bytes=src.stat().st_size, path=str(src))]
+    rows = [Row(model, "original", nodes=count_nodes(original), bytes=src.stat().st_size, ops=op_histogram(original), path=str(src))]
     rows += optimize_with_tools(model, src, tools, workdir, args)
     try:
         feeds = make_feeds(original, input_plan(model))
@@ -253,6 +294,15 @@ def render(rows: list[Row], console: Console) -> None:
             row.status,
         )
     console.print(table)
+    fused = Table(title="op types each tool's output has more of than the original (what its fusions produced)")
+    for name in ("model", "tool", "nodes", "ops gained"):
+        fused.add_column(name, justify="right" if name == "nodes" else "left")
+    for model in dict.fromkeys(r.model for r in rows):
+        of_model = [r for r in rows if r.model == model]
+        for row in of_model[1:]:
+            if row.ops:
+                fused.add_row(model, f"{row.tool} {row.version}".strip(), _num(row.nodes, ","), ops_gained(row, of_model[0]))
+    console.print(fused)
     ratios = Table(title="onnxopt optimize time / anchor's (below 1: onnxopt is faster)")
     for name in ("model", "onnxopt s", "onnxslim s", "onnxsim s", "onnxopt/onnxslim", "onnxopt/onnxsim"):
         ratios.add_column(name, justify="left" if name == "model" else "right")
@@ -286,7 +336,8 @@ def machine() -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(REAL_MODELS), help="comma-separated names (default: all real models)")
+    parser.add_argument("--models", default="", help="comma-separated names (default: all real models and every --exports model)")
+    parser.add_argument("--exports", type=Path, help="also run on every .onnx file in this folder (benchmarks/export_transformers.py)")
     parser.add_argument("--tools", default=",".join(TOOLS), help="comma-separated tools (default: all)")
     parser.add_argument("--passes", default="default", help="onnxopt pass string (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="optimize runs per tool; the median is shown")
@@ -296,11 +347,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write the rows and settings here")
     parser.add_argument("--keep", type=Path, help="keep the optimized models in this folder")
     args = parser.parse_args(argv)
-    args.models = [m if m in REAL_MODELS else m.replace("-", "_") for m in args.models.split(",") if m]
+    if args.exports is not None and not args.exports.is_dir():
+        parser.error(f"--exports {args.exports}: not a folder")
+    args.export_paths = {p.stem: p for p in sorted(args.exports.glob("*.onnx"))} if args.exports else {}
+    known = [*REAL_MODELS, *args.export_paths]
+    requested = [m for m in args.models.split(",") if m] or known
+    args.models = [m if m in known else m.replace("-", "_") for m in requested]
     args.tools = [t for t in args.tools.split(",") if t]
     for model in args.models:
-        if model not in REAL_MODELS:
-            parser.error(f"unknown model '{model}' (known: {', '.join(REAL_MODELS)})")
+        if model not in known:
+            parser.error(f"unknown model '{model}' (known: {', '.join(known)})")
     for tool in args.tools:
         if tool not in TOOLS:
             parser.error(f"unknown tool '{tool}' (known: {', '.join(TOOLS)})")
@@ -324,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_model(model, args.tools, workdir, args, console)
     render(rows, console)
     if args.json:
-        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "export_paths"}
         records = [asdict(r) for r in rows]
         if not args.keep:  # the optimized files were temporary
             for record in records:

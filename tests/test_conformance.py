@@ -44,8 +44,11 @@ from onnxopt.manager import PassManager
 from onnxopt.passbase import Pass, PassContext, PassResult
 from onnxopt.verify import OutputComparison, VerificationResult
 
-PASSES = "cleanup"
-MIN_EXERCISED = 1700
+PASSES = "default"
+# A floor against a suite that silently stops exercising cases. Which cases onnxruntime itself runs
+# correctly moves with its build: 1740 / 1722 (inputs / constant inputs) were seen on one machine,
+# 1716 / 1698 with onnxruntime 1.32.0, onnx 1.23.2 and numpy 2.4 on another.
+MIN_EXERCISED = 1650
 
 pytestmark = pytest.mark.slow
 

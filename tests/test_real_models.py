@@ -27,7 +27,7 @@ import onnxopt
 from models import real
 from onnxopt.verify import compare_outputs, generate_inputs, run_model
 
-PASSES = "cleanup"
+PASSES = "default"
 
 
 @dataclass
