@@ -128,7 +128,7 @@ def test_fp16_casts_are_kept() -> None:
     [
         ({"opset": 16}, "opset below 17"),
         ({"extra_output": "d"}, "intermediate is a graph output"),
-        ({"axes": (1,)}, "not the trailing axis"),
+        ({"axes": (0, 1)}, "neither the trailing, the spatial nor the channel axes"),
         ({"axes": (0, 2)}, "not the trailing axes"),
     ],
 )
