@@ -70,6 +70,7 @@ def all_passes() -> dict[str, type[Pass]]:
 CLEANUP_GROUP = [
     "eliminate_noops",
     "fold_constants",
+    "fold_shape_values",
     "constant_reshape_shapes",
     "lift_constants",
     "dedupe_initializers",

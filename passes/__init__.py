@@ -14,5 +14,6 @@ from onnxopt.passes import (  # noqa: F401
     opset,
     reshape_shapes,
     shape_inference,
+    shape_values,
     topological_sort,
 )

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from onnx import GraphProto, NodeProto, helper
+import numpy as np
+from onnx import GraphProto, NodeProto, helper, numpy_helper
 
 from onnxopt.graph import GraphScope, GraphView, is_standard, names_defined_below, rename_inputs
 from onnxopt.passbase import Pass, PassContext, PassResult, Requirement
@@ -24,7 +25,7 @@ FIRST_OPS: dict[str, tuple[str, ...]] = {
     "Transpose": ("Transpose",),
     "Reshape": ("Reshape", "Squeeze", "Unsqueeze", "Flatten"),
     "Squeeze": ("Unsqueeze",),
-    "Unsqueeze": ("Squeeze",),
+    "Unsqueeze": ("Squeeze", "Unsqueeze"),
 }
 
 
@@ -33,12 +34,13 @@ class LayoutMatch:
     """One pair to merge: ``nodes`` (first, second) go; ``output`` (the second's) is then written by ``op_type``.
 
     ``op_type`` None means the pair is the identity: readers of ``output`` read ``inputs[0]``.
+    An input given as an array becomes a new initializer.
     """
 
     kind: str
     nodes: list[NodeProto]
     output: str
-    inputs: list[str]
+    inputs: list[str | np.ndarray]
     op_type: str | None = None
     attrs: dict[str, object] = field(default_factory=dict)
 
@@ -111,6 +113,8 @@ def match_pair(second: NodeProto, view: GraphView, ctx: PassContext) -> LayoutMa
         out_rank = None if rank is None else rank + len(added)  # type: ignore[arg-type]
         require(normalized(added, out_rank) == normalized(removed, out_rank), "the Squeeze removes other axes than were added")  # type: ignore[arg-type]
         return LayoutMatch("unsqueeze_squeeze_removed", [first, second], out, [x])
+    if first.op_type == "Unsqueeze":  # Unsqueeze -> Unsqueeze
+        return merge_unsqueezes(first, second, view, ctx, rank)
     # Squeeze -> Unsqueeze
     require(dims is not None, "the Squeeze input's shape is unknown")
     removed = squeeze_axes(first, view, ctx)
@@ -123,6 +127,31 @@ def match_pair(second: NodeProto, view: GraphView, ctx: PassContext) -> LayoutMa
     require(bool(removed) and added is not None, "nothing is squeezed or the Unsqueeze has no axes")
     require(normalized(added, rank) == removed, "the Unsqueeze adds other axes than were squeezed")  # type: ignore[arg-type]
     return LayoutMatch("squeeze_unsqueeze_removed", [first, second], out, [x])
+
+
+def merge_unsqueezes(first: NodeProto, second: NodeProto, view: GraphView, ctx: PassContext, rank: int | None) -> LayoutMatch:
+    """One Unsqueeze inserting the axes of both (explicit axes; negative ones need the input's rank)."""
+    inner, outer = squeeze_axes(first, view, ctx), squeeze_axes(second, view, ctx)
+    require(inner is not None and outer is not None, "an Unsqueeze has no axes")
+    middle_rank = None if rank is None else rank + len(inner)  # type: ignore[arg-type]
+    inner = normalized(inner, middle_rank)  # type: ignore[arg-type]
+    outer = normalized(outer, None if middle_rank is None else middle_rank + len(outer))  # type: ignore[arg-type]
+    taken = set(outer)
+    combined = set(outer)
+    position, index = 0, 0
+    wanted = set(inner)
+    while wanted:
+        if position not in taken:
+            if index in wanted:
+                combined.add(position)
+                wanted.discard(index)
+            index += 1
+        position += 1
+    axes = sorted(combined)
+    x, out = first.input[0], second.output[0]
+    if default_opset(ctx) >= 13:
+        return LayoutMatch("unsqueeze_pair_merged", [first, second], out, [x, np.array(axes, dtype=np.int64)], "Unsqueeze")
+    return LayoutMatch("unsqueeze_pair_merged", [first, second], out, [x], "Unsqueeze", {"axes": axes})
 
 
 # ----------------------------------------------------------------------------- rewriting
@@ -145,11 +174,19 @@ def apply_matches(graph: GraphProto, view: GraphView, matches: list[LayoutMatch]
         if op_type is None and (match.output in view.graph_outputs or match.inputs[0] in below):
             op_type = "Identity"
         if op_type is None:
-            forward[match.output] = match.inputs[0]
+            forward[match.output] = match.inputs[0]  # type: ignore[assignment]
             replaced[id(second)] = []
             stale.update(o for o in second.output if o)
             continue
-        node = helper.make_node(op_type, match.inputs, [match.output], name=ctx.names.fresh(f"{match.output}_{op_type}"), **match.attrs)
+        inputs: list[str] = []
+        for item in match.inputs:
+            if isinstance(item, str):
+                inputs.append(item)
+                continue
+            name = ctx.names.fresh(f"{match.output}_{op_type.lower()}_in{len(inputs)}")
+            graph.initializer.append(numpy_helper.from_array(item, name))
+            inputs.append(name)
+        node = helper.make_node(op_type, inputs, [match.output], name=ctx.names.fresh(f"{match.output}_{op_type}"), **match.attrs)
         replaced[id(second)] = [node]
     rebuilt: list[NodeProto] = []
     for node in view.nodes:
@@ -175,7 +212,8 @@ class MergeLayoutChains(Pass):
     Reshape/Squeeze/Unsqueeze/Flatten -> Reshape when the second Reshape's result depends
     only on its target (allowzero=1, or a constant target without 0 entries, which would copy
     a dim of the first's output; before opset 5 the shape attribute): the first is dropped;
-    Unsqueeze -> Squeeze of the same axes (both explicit) cancel; Squeeze -> Unsqueeze of the
+    Unsqueeze -> Squeeze of the same axes (both explicit) cancel; Unsqueeze -> Unsqueeze (explicit
+    axes) become one Unsqueeze of the combined axes; Squeeze -> Unsqueeze of the
     same axes cancel when every squeezed dim is known to be 1 (a Squeeze without axes needs
     all dims known). Axes as attribute (opset < 13) or constant input (opset >= 13). Pairs
     are merged in rounds (at most 32 per graph) so chains collapse. Custom-domain ops are

@@ -7,6 +7,7 @@ from onnx import NodeProto, TypeProto, numpy_helper
 
 from onnxopt.graph import GraphScope, GraphView, is_standard, opset_version
 from onnxopt.passbase import Pass, PassContext, PassResult, Requirement
+from onnxopt.passes.shape_values import ShapeValues, reshape_target
 from onnxopt.registry import register_pass
 
 
@@ -58,7 +59,10 @@ class ConstantReshapeShapes(Pass):
     Exporters compute targets such as Concat(Shape(x)[0:1], [512, 256]) for a dynamic
     batch; when inference knows every output dim, or proves it equal to the input's dim at
     the same position (written 0), but at most one, the target becomes a constant (the
-    unknown dim as -1) and the shape computation is left to dead-code elimination.
+    unknown dim as -1) and the shape computation is left to dead-code elimination. Failing
+    that, the target's symbolic value (:mod:`onnxopt.passes.shape_values`) decides: known
+    entries stay, entries proved equal to the input's dim at the same position become 0, and
+    one remaining entry becomes -1 when every other entry is a positive number.
     Pre: inferred types. Post: such Reshapes read a constant int64 target; outputs are
     unchanged. Skipped for IR < 4 (initializers would have to be inputs) and opset < 5
     (the target was an attribute).
@@ -74,8 +78,14 @@ class ConstantReshapeShapes(Pass):
             return result
         view = ctx.view(scope.graph)
         matches: list[tuple[NodeProto, list[int]]] = []
+        values: ShapeValues | None = None
         for node in view.nodes:
-            target = self._match(node, view, ctx)
+            if not self._candidate(node, view):
+                continue
+            target = self._match(node, ctx)
+            if target is None:
+                values = values or ShapeValues(view, ctx)
+                target = reshape_target(node, values, ctx)
             if target is not None:
                 matches.append((node, target))
         for node, target in matches:
@@ -86,13 +96,16 @@ class ConstantReshapeShapes(Pass):
         return result
 
     @staticmethod
-    def _match(node: NodeProto, view: GraphView, ctx: PassContext) -> list[int] | None:
+    def _candidate(node: NodeProto, view: GraphView) -> bool:
+        """A standard Reshape whose target is computed (not an initializer or Constant)."""
         if node.op_type != "Reshape" or not is_standard(node) or len(node.input) < 2 or not node.input[1]:
-            return None
+            return False
         if view.is_constant(node.input[1]):
-            return None
+            return False
         producer = view.producer.get(node.input[1])
-        if producer is not None and producer.op_type == "Constant":
-            return None
+        return producer is None or producer.op_type != "Constant"
+
+    @staticmethod
+    def _match(node: NodeProto, ctx: PassContext) -> list[int] | None:
         allowzero = any(a.name == "allowzero" and a.i for a in node.attribute)
         return constant_target(ctx.types.get(node.output[0]), ctx.types.get(node.input[0]), allowzero=allowzero)

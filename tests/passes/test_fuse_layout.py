@@ -256,6 +256,53 @@ def test_squeeze_unsqueeze_guards(shape, axes, back):
     assert op_types(run_pass(model, PASS).model) == ["Squeeze", "Unsqueeze", "Neg"]
 
 
+@pytest.mark.parametrize("opset", [11, 13])
+@pytest.mark.parametrize(
+    ("inner", "outer", "combined"),
+    [([1], [2], [1, 2]), ([0], [1, 3], [0, 1, 3]), ([1], [0], [0, 2]), ([-1], [0], [0, 4]), ([0, 2], [-1, 1], [0, 1, 3, 6])],
+)
+def test_unsqueeze_pair_merges(opset, inner, outer, combined):
+    u1, e1 = unsqueeze("x", "u", inner, opset)
+    u2, e2 = unsqueeze("u", "v", outer, opset)
+    rank = 3 + len(inner) + len(outer)
+    model = chain([u1, u2], [2, 3, 4], [*e1, *e2], opset=opset, rank=rank)
+    result = run_pass(model, PASS)
+    assert op_types(result.model) == ["Unsqueeze", "Neg"]
+    assert counts(result) == {"unsqueeze_pair_merged": 1}
+    node = result.model.graph.node[0]
+    if opset >= 13:
+        axes = next(t for t in result.model.graph.initializer if t.name == node.input[1])
+        assert onnx.numpy_helper.to_array(axes).tolist() == combined
+    else:
+        assert list(node.attribute[0].ints) == combined
+    assert_equivalent(model, result.model)
+
+
+def test_unsqueeze_chain_collapses_and_guards():
+    """Three Unsqueezes become one; a shared intermediate or negative axes on an unknown rank stop the merge."""
+    nodes, extra = [], []
+    for src, dst, axis in (("x", "a", [1]), ("a", "b", [2]), ("b", "v", [3])):
+        node, e = unsqueeze(src, dst, axis, 13)
+        nodes.append(node)
+        extra.extend(e)
+    model = chain(nodes, ["n"], extra, rank=4)
+    result = run_pass(model, PASS)
+    assert op_types(result.model) == ["Unsqueeze", "Neg"]
+    assert_equivalent(model, result.model, input_shapes={"x": (5,)})
+
+    u1, e1 = unsqueeze("x", "u", [0], 13)
+    u2, e2 = unsqueeze("u", "v", [0], 13)
+    shared = chain([u1, u2], [2, 3], [*e1, *e2], outputs=("y", "u"), rank=4)
+    assert op_types(run_pass(shared, PASS).model) == ["Unsqueeze", "Unsqueeze", "Neg"]
+
+    u1, e1 = unsqueeze("r", "u", [-1], 13)
+    u2, e2 = unsqueeze("u", "v", [0], 13)
+    body = [helper.make_node("Reshape", ["x", "shape"], ["r"]), u1, u2, helper.make_node("Neg", ["v"], ["y"])]
+    inputs = [tensor_input("x", [2, 3]), tensor_input("shape", [None], TensorProto.INT64)]
+    unknown_rank = make_model(body, inputs, [tensor_input("y", [None] * 4)], [*e1, *e2])
+    assert op_types(run_pass(unknown_rank, PASS).model) == ["Reshape", "Unsqueeze", "Unsqueeze", "Neg"]
+
+
 def test_mixed_chain_and_determinism():
     def build() -> ModelProto:
         u, e1 = unsqueeze("x", "u", [0], 13)

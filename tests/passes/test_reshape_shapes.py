@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from helpers import assert_equivalent, init, make_model, op_types, run_pass, tensor_input
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt.graph import GraphView
+from onnxopt.passbase import PassContext
+from onnxopt.passes.shape_values import ShapeValues, reshape_target
 
 
 def _model(tail: list[int], in_shape=("N", 8, 4), out_shape=("N", 32)):
@@ -44,14 +47,74 @@ def test_static_target_has_no_minus_one():
     assert_equivalent(model, result.model)
 
 
-@pytest.mark.parametrize(
-    "in_shape, tail, why",
-    [(("N", 0, 4), [0], "a zero-sized dim")],
-)
-def test_ambiguous_targets_are_left_alone(in_shape, tail, why):
-    model = _model(tail, in_shape=in_shape, out_shape=("N", None))
+def test_zero_sized_dim_is_copied_exactly():
+    """[N, 0, 4] -> Concat(Shape(x)[0:1], [0]): inference cannot write the target, the symbolic value can: [0, 0]."""
+    model = _model([0], in_shape=("N", 0, 4), out_shape=("N", None))
     result = run_pass(model, "constant_reshape_shapes")
-    assert result.report.passes[0].status == "unchanged", why
+    assert _target(result.model) == [0, 0]
+    assert_equivalent(model, result.model, input_shapes={"x": (3, 0, 4)})
+
+
+def _cast_model(in_shape, tail, out_rank):
+    """Reshape(x, Concat(Cast64(Slice(Cast32(Shape(x)), 0, 1)), tail)): the PP-OCR classifier's flatten."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Cast", ["s"], ["s32"], to=TensorProto.INT32),
+        helper.make_node("Slice", ["s32", "zero", "one"], ["n32"]),
+        helper.make_node("Cast", ["n32"], ["n"], to=TensorProto.INT64),
+        helper.make_node("Concat", ["n", "tail"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["y"]),
+    ]
+    inits = [init("zero", np.array([0], np.int64)), init("one", np.array([1], np.int64)), init("tail", np.array(tail, np.int64))]
+    return make_model(nodes, [tensor_input("x", list(in_shape))], [tensor_input("y", [None] * out_rank)], inits)
+
+
+def test_one_unknown_entry_next_to_positive_numbers_becomes_minus_one():
+    """The narrowed batch may not be the batch, but the element count forces it: [-1, 200]."""
+    model = _cast_model((None, 200, 1, 1), [200], 2)
+    result = run_pass(model, "constant_reshape_shapes,eliminate_dead_code")
+    assert _target(result.model) == [-1, 200]
+    assert op_types(result.model) == ["Reshape"]
+    for batch in (1, 4):
+        assert_equivalent(model, result.model, input_shapes={"x": (batch, 200, 1, 1)})
+
+
+def test_unknown_entry_next_to_a_copy_gets_no_minus_one():
+    """[narrowed N, 0 (copy), 2]: -1 next to a copied dim that may be 0 could not be inferred."""
+    model = _cast_model((None, "M", 2), [0, 2], 3)
+    reshape = model.graph.node[-1]
+    values = ShapeValues(GraphView.build(model.graph), PassContext(model))
+    assert values.value("target").elems == (("v", "s32", 0), 0, 2)
+    assert reshape_target(reshape, values, PassContext(model)) is None
+    positive = _cast_model((None, "M", 2), [3, 2], 3)  # the same with positive numbers only
+    values = ShapeValues(GraphView.build(positive.graph), PassContext(positive))
+    assert reshape_target(positive.graph.node[-1], values, PassContext(positive)) == [-1, 3, 2]
+
+
+def test_head_merge_target_from_another_tensor():
+    """Reshape(t, [Shape(a)[0], Shape(a)[1], -1]) where t and a share the symbolic batch and sequence dims."""
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"]),
+        helper.make_node("Shape", ["a"], ["s"]),
+        helper.make_node("Gather", ["s", "zero"], ["b"], axis=0),
+        helper.make_node("Gather", ["s", "one"], ["q"], axis=0),
+        helper.make_node("Unsqueeze", ["b", "zero1"], ["b1"]),
+        helper.make_node("Unsqueeze", ["q", "zero1"], ["q1"]),
+        helper.make_node("Concat", ["b1", "q1", "minus1"], ["target"], axis=0),
+        helper.make_node("Reshape", ["t", "target"], ["y"]),
+    ]
+    inits = [
+        init("zero", np.array(0, np.int64)),
+        init("one", np.array(1, np.int64)),
+        init("zero1", np.array([0], np.int64)),
+        init("minus1", np.array([-1], np.int64)),
+    ]
+    inputs = [tensor_input("x", ["B", "S", 8]), tensor_input("t", ["B", "S", 2, 4])]
+    model = make_model(nodes, inputs, [tensor_input("y", ["B", "S", None])], inits)
+    result = run_pass(model, "constant_reshape_shapes,eliminate_dead_code")
+    assert _target(result.model) == [0, 0, -1]
+    assert op_types(result.model) == ["Reshape"]
+    assert_equivalent(model, result.model, input_shapes={"x": (2, 3, 8), "t": (2, 3, 2, 4)})
 
 
 def test_two_unknown_dims_in_new_positions_are_left_alone():
