@@ -27,6 +27,7 @@ from onnxopt.passes.fuse_conv_rules import (
     match_lone_batchnorm,
     match_pad_fusion,
 )
+from onnxopt.passes.fusion_support import drop_value_info, replace_nodes
 from onnxopt.registry import register_pass
 
 log = logging.getLogger("onnxopt")
@@ -35,27 +36,6 @@ log = logging.getLogger("onnxopt")
 def _debug(pass_name: str, node: NodeProto, exc: NoMatch) -> None:
     if log.isEnabledFor(logging.DEBUG):
         log.debug("%s: %s is kept: %s", pass_name, node_label(node), exc)
-
-
-def drop_value_info(graph: GraphProto, stale: set[str]) -> None:
-    """Remove the value_info entries of values that no longer exist."""
-    if any(v.name in stale for v in graph.value_info):
-        kept = [v for v in graph.value_info if v.name not in stale]
-        del graph.value_info[:]
-        graph.value_info.extend(kept)
-
-
-def replace_nodes(graph: GraphProto, nodes: list[NodeProto], replaced: dict[int, list[NodeProto]]) -> None:
-    """Rebuild ``graph.node`` from ``nodes``: ids in ``replaced`` become their lists (empty: removed).
-
-    ``nodes`` must be the node objects the ids were taken from (e.g. ``GraphView.nodes``),
-    kept alive until now, and this must be the only rebuild (it copies the nodes).
-    """
-    rebuilt: list[NodeProto] = []
-    for node in nodes:
-        rebuilt.extend(replaced.get(id(node), [node]))
-    del graph.node[:]
-    graph.node.extend(rebuilt)
 
 
 def apply_weight_folds(graph: GraphProto, folds: list[WeightFold], ctx: PassContext, replaced: dict[int, list[NodeProto]]) -> set[str]:

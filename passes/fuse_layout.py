@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from onnx import GraphProto, NodeProto, helper, numpy_helper
+from onnx import GraphProto, NodeProto, helper
 
 from onnxopt.graph import GraphScope, GraphView, is_standard, names_defined_below, rename_inputs
 from onnxopt.passbase import Pass, PassContext, PassResult, Requirement
 from onnxopt.passes.fuse_linear import node_attrs
-from onnxopt.passes.fusion_support import check_private, debug, producer
+from onnxopt.passes.fusion_support import check_private, debug, drop_value_info, materialize_inputs, producer, replace_nodes
 from onnxopt.passes.noop_rules import NoMatch, constant_array, default_opset, dims_of, get_attr, int_list, require
 from onnxopt.registry import register_pass
 
@@ -178,27 +178,13 @@ def apply_matches(graph: GraphProto, view: GraphView, matches: list[LayoutMatch]
             replaced[id(second)] = []
             stale.update(o for o in second.output if o)
             continue
-        inputs: list[str] = []
-        for item in match.inputs:
-            if isinstance(item, str):
-                inputs.append(item)
-                continue
-            name = ctx.names.fresh(f"{match.output}_{op_type.lower()}_in{len(inputs)}")
-            graph.initializer.append(numpy_helper.from_array(item, name))
-            inputs.append(name)
+        inputs = materialize_inputs(graph, match.inputs, f"{match.output}_{op_type.lower()}", ctx)
         node = helper.make_node(op_type, inputs, [match.output], name=ctx.names.fresh(f"{match.output}_{op_type}"), **match.attrs)
         replaced[id(second)] = [node]
-    rebuilt: list[NodeProto] = []
-    for node in view.nodes:
-        rebuilt.extend(replaced.get(id(node), [node]))
-    del graph.node[:]
-    graph.node.extend(rebuilt)
+    replace_nodes(graph, view.nodes, replaced)
     if forward:
         rename_inputs(graph, forward)
-    if any(v.name in stale for v in graph.value_info):
-        kept = [v for v in graph.value_info if v.name not in stale]
-        del graph.value_info[:]
-        graph.value_info.extend(kept)
+    drop_value_info(graph, stale)
 
 
 @register_pass

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from onnx import GraphProto, NodeProto, TensorProto, helper, numpy_helper
+from onnx import GraphProto, NodeProto, TensorProto, helper
 
 from onnxopt.graph import GraphScope, GraphView, is_standard, opset_version
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, option
@@ -268,6 +268,18 @@ class TransposedFusion(Fusion):
 
     perm: list[int] = field(default_factory=list)
 
+    def build(self, graph: GraphProto, ctx: PassContext) -> list[NodeProto]:
+        """``Transpose(perm) -> op -> Transpose(inverse perm)`` writing :attr:`output`."""
+        base = self.output
+        moved, normed = ctx.names.fresh(f"{base}_channels_last"), ctx.names.fresh(f"{base}_normed")
+        inverse = [self.perm.index(i) for i in range(len(self.perm))]
+        core = Fusion(self.kind, self.op_type, [moved, *self.inputs[1:]], normed, self.nodes, self.opset, self.attrs)
+        return [
+            helper.make_node("Transpose", [self.inputs[0]], [moved], name=ctx.names.fresh(f"{base}_Transpose"), perm=self.perm),  # type: ignore[list-item]
+            *core.build(graph, ctx),
+            helper.make_node("Transpose", [normed], [base], name=ctx.names.fresh(f"{base}_Transpose"), perm=inverse),
+        ]
+
 
 def channel_layernorm(core: Moments, view: GraphView, ctx: PassContext) -> TransposedFusion:
     """``Transpose -> LayerNormalization(axis=-1) -> Transpose`` for a normalization over axis 1 of a rank >= 3 value."""
@@ -426,64 +438,6 @@ def match_groupnorm(inner: NodeProto, view: GraphView, ctx: PassContext) -> Fusi
     return Fusion("groupnorm", "GroupNormalization", [x, scale, bias], output, nodes, 21, attrs)
 
 
-# ----------------------------------------------------------------------------- rewriting
-
-
-def rewrite(graph: GraphProto, view: GraphView, fusions: list[Fusion], ctx: PassContext, result: PassResult) -> None:
-    """Replace each fusion's nodes, in one rebuild, by its node (a :class:`TransposedFusion`: Transpose, node, Transpose).
-
-    The new nodes are placed where the pattern's output was made; new initializers get
-    fresh names; value_info of the values that disappeared is dropped.
-    """
-    if not any(isinstance(f, TransposedFusion) for f in fusions):
-        apply_fusions(graph, view, fusions, ctx, result)
-        return
-    replaced: dict[int, list[NodeProto]] = {}
-    stale: set[str] = set()
-    for fusion in fusions:
-        if isinstance(fusion, TransposedFusion):
-            base = fusion.output
-            moved, normed = ctx.names.fresh(f"{base}_channels_last"), ctx.names.fresh(f"{base}_normed")
-            inverse = [fusion.perm.index(i) for i in range(len(fusion.perm))]
-            core = Fusion(fusion.kind, fusion.op_type, [moved, *fusion.inputs[1:]], normed, fusion.nodes, fusion.opset, fusion.attrs)
-            new = [
-                helper.make_node("Transpose", [fusion.inputs[0]], [moved], name=ctx.names.fresh(f"{base}_Transpose"), perm=fusion.perm),  # type: ignore[list-item]
-                materialize(graph, core, ctx),
-                helper.make_node("Transpose", [normed], [base], name=ctx.names.fresh(f"{base}_Transpose"), perm=inverse),
-            ]
-        else:
-            new = [materialize(graph, fusion, ctx)]
-        for old in fusion.nodes:
-            replaced[id(old)] = []
-            stale.update(o for o in old.output if o and o != fusion.output)
-        replaced[id(view.producer[fusion.output])] = new
-        result.count(fusion.kind)
-    rebuilt: list[NodeProto] = []
-    for old in view.nodes:
-        rebuilt.extend(replaced.get(id(old), [old]))
-    del graph.node[:]
-    graph.node.extend(rebuilt)
-    if any(v.name in stale for v in graph.value_info):
-        kept = [v for v in graph.value_info if v.name not in stale]
-        del graph.value_info[:]
-        graph.value_info.extend(kept)
-
-
-def materialize(graph: GraphProto, fusion: Fusion, ctx: PassContext) -> NodeProto:
-    """The fused node of ``fusion``, its array inputs added as new initializers."""
-    inputs: list[str] = []
-    for index, item in enumerate(fusion.inputs):
-        if isinstance(item, str):
-            inputs.append(item)
-            continue
-        name = ctx.names.fresh(f"{fusion.output}_{fusion.op_type.lower()}_in{index}")
-        graph.initializer.append(numpy_helper.from_array(item, name))
-        inputs.append(name)
-    return helper.make_node(
-        fusion.op_type, inputs, [fusion.output], name=ctx.names.fresh(f"{fusion.output}_{fusion.op_type}"), **fusion.attrs
-    )
-
-
 @register_pass
 class FuseLayerNorm(Pass):
     """Fuse decomposed LayerNorm/InstanceNorm/RMSNorm and exporter GroupNorm subgraphs into one standard op.
@@ -569,5 +523,5 @@ class FuseLayerNorm(Pass):
                 if wanted[fusion.kind]:
                     matches.append(fusion)
             found.extend(select(matches, claimed, ctx, self.name, result))
-        rewrite(scope.graph, view, found, ctx, result)
+        apply_fusions(scope.graph, view, found, ctx, result)
         return result

@@ -28,10 +28,11 @@ REL_TOL = 1e-6
 
 @dataclass
 class Fusion:
-    """One match: the pattern's nodes and the single standard op that replaces them.
+    """One match: the pattern's nodes and the standard op that replaces them.
 
     ``inputs`` are value names, or numpy arrays that become new initializers at rewrite
-    time; ``output`` is the pattern's last value, which the new node writes.
+    time; ``output`` is the pattern's last value, which the new node writes. A subclass whose
+    replacement is more than one node overrides :meth:`build`.
     """
 
     kind: str
@@ -41,6 +42,46 @@ class Fusion:
     nodes: list[NodeProto]
     opset: int
     attrs: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, graph: GraphProto, ctx: PassContext) -> list[NodeProto]:
+        """The new nodes (here one) that write :attr:`output`; array inputs become new initializers of ``graph``."""
+        inputs = materialize_inputs(graph, self.inputs, f"{self.output}_{self.op_type.lower()}", ctx)
+        name = ctx.names.fresh(f"{self.output}_{self.op_type}")
+        return [helper.make_node(self.op_type, inputs, [self.output], name=name, **self.attrs)]
+
+
+def materialize_inputs(graph: GraphProto, items: list[str | np.ndarray], prefix: str, ctx: PassContext) -> list[str]:
+    """Value names for ``items``: names stay, each array becomes a new initializer named ``{prefix}_in{index}``."""
+    names: list[str] = []
+    for index, item in enumerate(items):
+        if isinstance(item, str):
+            names.append(item)
+            continue
+        name = ctx.names.fresh(f"{prefix}_in{index}")
+        graph.initializer.append(numpy_helper.from_array(item, name))
+        names.append(name)
+    return names
+
+
+def replace_nodes(graph: GraphProto, nodes: list[NodeProto], replaced: dict[int, list[NodeProto]]) -> None:
+    """Rebuild ``graph.node`` from ``nodes``: ids in ``replaced`` become their lists (empty: removed).
+
+    ``nodes`` must be the node objects the ids were taken from (e.g. ``GraphView.nodes``),
+    kept alive until now, and this must be the only rebuild (it copies the nodes).
+    """
+    rebuilt: list[NodeProto] = []
+    for node in nodes:
+        rebuilt.extend(replaced.get(id(node), [node]))
+    del graph.node[:]
+    graph.node.extend(rebuilt)
+
+
+def drop_value_info(graph: GraphProto, stale: set[str]) -> None:
+    """Remove the value_info entries of values that no longer exist."""
+    if any(v.name in stale for v in graph.value_info):
+        kept = [v for v in graph.value_info if v.name not in stale]
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
 
 
 def const_name(view: GraphView, name: str) -> np.ndarray | None:
@@ -124,7 +165,7 @@ def rank(ctx: PassContext, name: str) -> int | None:
 
 
 def apply_fusions(graph: GraphProto, view: GraphView, fusions: list[Fusion], ctx: PassContext, result: PassResult) -> None:
-    """Replace each fusion's nodes by its new node, placed where the pattern's output was made.
+    """Replace each fusion's nodes by its new nodes (:meth:`Fusion.build`), placed where the pattern's output was made.
 
     Fusions must not share nodes. New initializers get fresh names; value_info of the values
     that disappeared is dropped.
@@ -134,31 +175,14 @@ def apply_fusions(graph: GraphProto, view: GraphView, fusions: list[Fusion], ctx
     replaced: dict[int, list[NodeProto]] = {}
     stale: set[str] = set()
     for fusion in fusions:
-        inputs: list[str] = []
-        for index, item in enumerate(fusion.inputs):
-            if isinstance(item, str):
-                inputs.append(item)
-                continue
-            name = ctx.names.fresh(f"{fusion.output}_{fusion.op_type.lower()}_in{index}")
-            graph.initializer.append(numpy_helper.from_array(item, name))
-            inputs.append(name)
-        node = helper.make_node(
-            fusion.op_type, inputs, [fusion.output], name=ctx.names.fresh(f"{fusion.output}_{fusion.op_type}"), **fusion.attrs
-        )
+        new_nodes = fusion.build(graph, ctx)
         for old in fusion.nodes:
             replaced[id(old)] = []
             stale.update(o for o in old.output if o and o != fusion.output)
-        replaced[id(view.producer[fusion.output])] = [node]
+        replaced[id(view.producer[fusion.output])] = new_nodes
         result.count(fusion.kind)
-    rebuilt: list[NodeProto] = []
-    for old in view.nodes:
-        rebuilt.extend(replaced.get(id(old), [old]))
-    del graph.node[:]
-    graph.node.extend(rebuilt)
-    if any(v.name in stale for v in graph.value_info):
-        kept = [v for v in graph.value_info if v.name not in stale]
-        del graph.value_info[:]
-        graph.value_info.extend(kept)
+    replace_nodes(graph, view.nodes, replaced)
+    drop_value_info(graph, stale)
 
 
 def select(fusions: list[Fusion], claimed: set[int], ctx: PassContext, pass_name: str, result: PassResult) -> list[Fusion]:
