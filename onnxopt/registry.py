@@ -83,6 +83,7 @@ CLEANUP_GROUP = [
 FUSION_GROUP = [
     "fold_batchnorm",
     "fold_conv_affine",
+    "fold_matmul_affine",
     "fuse_pad_into_conv",
     "fuse_layernorm",
     "fuse_activations",

@@ -1,8 +1,8 @@
-"""Linear-algebra fusions: MatMul + Add into Gemm, Transpose into Gemm's trans flags, Div by a constant into Mul.
+"""Linear-algebra fusions: MatMul + Add into Gemm, Transpose into Gemm's trans flags, Div by a constant into Mul, affine runs into MatMul.
 
 Each pass collects every match of a graph first (the ``match_*`` functions only read the
 graph and raise :class:`NoMatch` with a reason), then rewrites with the toolkit of
-:mod:`onnxopt.passes.fuse_norm`: the new node writes the pattern's last value, new
+:mod:`onnxopt.passes.fusion_support`: the new node writes the pattern's last value, new
 constants become new initializers (old ones are left for ``eliminate_dead_code``).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import NodeProto, TensorProto, TypeProto, helper
+from onnx import GraphProto, NodeProto, TensorProto, TypeProto, helper
 
 from onnxopt.graph import GraphScope, GraphView, is_standard
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, option
@@ -144,6 +144,90 @@ def match_div_const(div: NodeProto, view: GraphView, ctx: PassContext, exact_onl
     return Fusion("div_to_mul", "Mul", [div.input[0], reciprocal], div.output[0], [div], 7)
 
 
+AFFINE_OPS = ("Mul", "Add", "Sub", "Div")
+
+
+def last_axis_vector(value: np.ndarray, out_rank: int | None, columns: int) -> np.ndarray | None:
+    """``value`` as a float64 vector of ``columns`` when it broadcasts along the last axis only
+    of a rank-``out_rank`` result without changing its shape; else None (rank unknown: value rank <= 1).
+    """
+    if value.ndim > (1 if out_rank is None else out_rank):
+        return None
+    if any(d != 1 for d in value.shape[:-1]) or (value.ndim and value.shape[-1] not in (1, columns)):
+        return None
+    return np.broadcast_to(value.astype(np.float64).reshape(-1), (columns,)).copy()
+
+
+@dataclass
+class ScaledMatMul(Fusion):
+    """``MatMul(x, W * scale)`` then, when ``shift`` is given, ``Add(., shift)``: the folded chain."""
+
+    shift: np.ndarray | None = None
+
+    def build(self, graph: GraphProto, ctx: PassContext) -> list[NodeProto]:
+        """The MatMul with its new weight (and the one Add of the folded shifts) writing :attr:`output`."""
+        if self.shift is None:
+            return super().build(graph, ctx)
+        product = ctx.names.fresh(f"{self.output}_scaled_matmul")
+        matmul = Fusion(self.kind, "MatMul", self.inputs, product, self.nodes, self.opset)
+        add = Fusion(self.kind, "Add", [product, self.shift], self.output, self.nodes, self.opset)
+        return [*matmul.build(graph, ctx), *add.build(graph, ctx)]
+
+
+def match_matmul_affine(matmul: NodeProto, view: GraphView, ctx: PassContext) -> ScaledMatMul:
+    """``MatMul(x, W)`` (W a 2-D float constant) followed by a run of per-column Mul/Add/Sub/Div by constants."""
+    require(default_opset(ctx) >= 7, "Mul/Add before opset 7 have the 'broadcast' attribute")
+    require(len(matmul.input) == 2 and len(matmul.output) == 1, "not a two-input MatMul")
+    weight = constant_array(view, matmul.input[1])
+    require(weight is not None and weight.ndim == 2, "the MatMul's B is not a 2-D constant of this graph")
+    require(weight.dtype in (np.float32, np.float16, np.float64), "the weight is not float, float16 or double")  # type: ignore[union-attr]
+    columns = int(weight.shape[1])  # type: ignore[union-attr]
+    out_rank = rank_of(ctx, matmul.output[0])
+    scale, shift = np.ones(columns), np.zeros(columns)
+    chain: list[NodeProto] = []
+    ops: list[str] = []
+    current = matmul.output[0]
+    while True:
+        try:
+            node = sole_reader(view, current, AFFINE_OPS)
+            require(current not in view.graph_outputs, f"'{current}' is a graph output")
+            require(len(node.input) == 2 and not node.attribute, "the reader has legacy broadcast attributes or not two inputs")
+            commutes = node.op_type in ("Mul", "Add")
+            require(node.input[0] == current or (commutes and node.input[1] == current), "the product is the divisor or subtrahend")
+            other = node.input[1] if node.input[0] == current else node.input[0]
+            value = constant_array(view, other)
+            require(value is not None and value.dtype == weight.dtype, "the operand is not a constant of the weight's dtype")  # type: ignore[union-attr]
+            vector = last_axis_vector(value, out_rank, columns)  # type: ignore[arg-type]
+            require(vector is not None and bool(np.all(np.isfinite(vector))), "the operand is not a finite per-column constant")
+            require(node.op_type != "Div" or bool(np.all(vector != 0)), "division by zero")  # type: ignore[operator]
+        except NoMatch as exc:
+            require(bool(chain), str(exc))
+            break
+        if node.op_type == "Mul":
+            scale, shift = scale * vector, shift * vector
+        elif node.op_type == "Div":
+            scale, shift = scale / vector, shift / vector
+        else:
+            shift = shift + vector if node.op_type == "Add" else shift - vector  # type: ignore[operator]
+        chain.append(node)
+        ops.append(node.op_type)
+        current = node.output[0]
+    needs_add = any(op in ("Add", "Sub") for op in ops)
+    require(len(chain) > int(needs_add), "a lone bias Add: nothing to fold")
+    with np.errstate(over="ignore", invalid="ignore"):
+        new_weight = (weight.astype(np.float64) * scale).astype(weight.dtype)  # type: ignore[union-attr]
+        new_shift = shift.astype(weight.dtype)  # type: ignore[union-attr]
+    require(bool(np.all(np.isfinite(new_weight))) and bool(np.all(np.isfinite(new_shift))), "the folded weight is not finite")
+    kind = "affine_into_matmul"
+    return ScaledMatMul(kind, "MatMul", [matmul.input[0], new_weight], current, [matmul, *chain], 7, shift=new_shift if needs_add else None)
+
+
+def rank_of(ctx: PassContext, name: str) -> int | None:
+    """The inferred rank of ``name``, or None."""
+    dims = dims_of(ctx.types.get(name))
+    return None if dims is None else len(dims)
+
+
 # ----------------------------------------------------------------------------- passes
 
 
@@ -257,5 +341,40 @@ class DivToMul(Pass):
         view = ctx.view(scope.graph)
         exact = bool(self.options.exact_only)  # type: ignore[attr-defined]
         matches = _collect(view, "Div", lambda node, v: match_div_const(node, v, ctx, exact), self.name)
+        apply_fusions(scope.graph, view, select(matches, set(), ctx, self.name, result), ctx, result)
+        return result
+
+
+@register_pass
+class FoldMatMulAffine(Pass):
+    """Fold per-column Mul/Add/Sub/Div by constants after a MatMul with a constant weight into the weight and one Add.
+
+    Pre: types inferred (the MatMul output's rank, for constants of rank > 1). Matched: a
+    standard ``MatMul(x, W)`` with W a 2-D float, float16 or double constant of this graph,
+    followed by a run of standard Mul or Add (constant on either side), Sub (``y - c``) or
+    Div (``y / c``, c non-zero), each constant of W's dtype, finite, and varying only along
+    the last axis (shapes [N], [1, N], [1, 1, N], scalars; never raising the output's rank),
+    each intermediate read only by the next node and not a graph output. A lone bias Add is
+    left alone (nothing to gain). Transformer layer scales (ConvNeXt's ``gamma``) and the
+    bias-then-scale runs of exporters are the usual matches.
+
+    Post: ``MatMul(x, W * s)`` with a new weight (W itself is left for other readers and
+    ``eliminate_dead_code``), followed, when the run had an Add or Sub, by one
+    ``Add(., shift)`` writing the run's last value. Weights are computed in float64 and cast
+    back (outputs equal up to float rounding). Nothing is done in IR < 4 models. Surviving
+    values keep their types. Custom-domain ops are never touched.
+    """
+
+    name = "fold_matmul_affine"
+    requires = frozenset({Requirement.SHAPES})
+    preserves_types = True
+
+    def run_graph(self, scope: GraphScope, ctx: PassContext) -> PassResult:
+        """Match a run after every MatMul, then rewrite."""
+        result = PassResult()
+        if ctx.model.ir_version < 4:
+            return result
+        view = ctx.view(scope.graph)
+        matches = _collect(view, "MatMul", lambda node, v: match_matmul_affine(node, v, ctx), self.name)
         apply_fusions(scope.graph, view, select(matches, set(), ctx, self.name, result), ctx, result)
         return result

@@ -1,4 +1,4 @@
-"""Tests of fuse_matmul_add, fuse_transpose_into_gemm and div_to_mul: rewrites, guards, determinism."""
+"""Tests of fuse_matmul_add, fuse_transpose_into_gemm, div_to_mul and fold_matmul_affine: rewrites, guards, determinism."""
 
 from __future__ import annotations
 
@@ -399,3 +399,94 @@ def test_deterministic():
     assert op_types(first) == ["Gemm", "Mul"]
     assert attrs(first.graph.node[0]).get("transA") == 1
     assert_equivalent(build(), first)
+
+
+# ----------------------------------------------------------------------------- fold_matmul_affine
+
+
+def scaled_model(
+    chain: tuple[tuple[str, tuple[int, ...]], ...] = (("Add", (4,)), ("Mul", (4,))),
+    *,
+    swap: bool = False,
+    extra_output: str = "",
+    shared_weight: bool = False,
+    dtype=np.float32,
+) -> ModelProto:
+    """x [2, 3, 5] -> MatMul(W 5x4) -> each (op, constant shape) of ``chain`` -> Relu -> y (ConvNeXt's MLP tail)."""
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    inits = [init("W", rand(5, 4, dtype=dtype))]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["v0"])]
+    for index, (op, shape) in enumerate(chain):
+        constant = (rand(*shape, dtype=dtype) + (2 if op == "Div" else 0)).astype(dtype)
+        inits.append(init(f"c{index}", constant))
+        operands = [f"c{index}", f"v{index}"] if swap and op in ("Mul", "Add") else [f"v{index}", f"c{index}"]
+        nodes.append(helper.make_node(op, operands, [f"v{index + 1}"]))
+    nodes.append(helper.make_node("Relu", [f"v{len(chain)}"], ["y"]))
+    outputs = [tensor_input("y", [2, 3, 4], elem)]
+    if extra_output:
+        outputs.append(tensor_input(extra_output, [2, 3, 4], elem))
+    if shared_weight:
+        nodes.append(helper.make_node("MatMul", ["x", "W"], ["z"]))
+        outputs.append(tensor_input("z", [2, 3, 4], elem))
+    return make_model(nodes, [tensor_input("x", [2, 3, 5], elem)], outputs, inits)
+
+
+@pytest.mark.parametrize(
+    ("chain", "expected"),
+    [
+        ((("Add", (4,)), ("Mul", (4,))), ["MatMul", "Add", "Relu"]),
+        ((("Mul", (1, 1, 4)),), ["MatMul", "Relu"]),
+        ((("Mul", ()), ("Div", (4,)), ("Sub", (1, 4)), ("Add", (4,))), ["MatMul", "Add", "Relu"]),
+        ((("Div", (1,)),), ["MatMul", "Relu"]),
+    ],
+)
+@pytest.mark.parametrize("swap", [False, True])
+def test_matmul_affine_folded(chain, expected, swap):
+    model = scaled_model(chain, swap=swap)
+    result = run_pass(model, "fold_matmul_affine")
+    assert op_types(result.model) == expected
+    assert counts(result, "fold_matmul_affine") == {"affine_into_matmul": 1}
+    assert_equivalent(model, result.model)
+
+
+def test_matmul_affine_keeps_a_shared_weight_for_its_other_reader():
+    model = scaled_model(shared_weight=True)
+    result = run_pass(model, "fold_matmul_affine")
+    assert op_types(result.model) == ["MatMul", "Add", "Relu", "MatMul"]
+    assert result.model.graph.node[3].input[1] == "W"
+    assert_equivalent(model, result.model)
+
+
+@pytest.mark.parametrize(
+    ("chain", "kwargs", "why"),
+    [
+        ((("Add", (4,)),), {}, "a lone bias Add gains nothing"),
+        ((("Mul", (3, 4)),), {}, "the scale varies along another axis than the last"),
+        ((("Mul", (1, 1, 1, 4)),), {}, "the scale raises the rank"),
+        ((("Mul", (4,)),), {"extra_output": "v0"}, "the product is a graph output"),
+        ((("Mul", (4,)),), {"dtype": np.float64, "extra_output": "v0"}, "the product is a graph output (double)"),
+    ],
+)
+def test_matmul_affine_guards(chain, kwargs, why):
+    model = scaled_model(chain, **kwargs)
+    result = run_pass(model, "fold_matmul_affine")
+    assert op_types(result.model)[: len(chain) + 1] == ["MatMul", *(op for op, _ in chain)], why
+    assert_equivalent(model, result.model)
+
+
+def test_matmul_affine_divisor_on_the_left_is_kept():
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "W"], ["p"]), helper.make_node("Div", ["c", "p"], ["y"])],
+        [tensor_input("x", [3, 5])],
+        [tensor_input("y", [3, 4])],
+        [init("W", rand(5, 4)), init("c", rand(4))],
+    )
+    assert op_types(run_pass(model, "fold_matmul_affine").model) == ["MatMul", "Div"]
+
+
+def test_matmul_affine_in_default_preset_and_deterministic():
+    model = scaled_model((("Add", (4,)), ("Mul", (4,))))
+    first = run_pass(model, "default").model
+    assert op_types(first) == ["MatMul", "Add", "Relu"]
+    assert_equivalent(model, first)
+    assert first.SerializeToString(deterministic=True) == run_pass(model, "default").model.SerializeToString(deterministic=True)
