@@ -18,10 +18,10 @@ from onnx import NodeProto, helper
 from onnxopt.errors import OptionError
 from onnxopt.graph import GraphScope, GraphView, is_standard
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, option
+from onnxopt.passes.fuse_contrib import ContribFusion, apply_rewrites, has_kernel, ort_target
 from onnxopt.passes.fusion_support import (
     FLOAT_TYPES,
     Fusion,
-    apply_fusions,
     check_private,
     close,
     const_name,
@@ -40,6 +40,8 @@ from onnxopt.registry import register_pass
 KINDS = ("gelu", "gelu_tanh", "hardswish", "mish", "softplus")
 MAX_PRODUCT_NODES = 8
 MAX_CLIMB = 4
+# The com.microsoft op each GELU kind becomes on the ort-* targets (any opset).
+CONTRIB_GELU = {"gelu": "Gelu", "gelu_tanh": "FastGelu"}
 
 
 @dataclass
@@ -239,6 +241,14 @@ def match_mish(tanh: NodeProto, view: GraphView, ctx: PassContext) -> Fusion:
     return Fusion("mish", "Mish", [x], mul.output[0], nodes, 18)
 
 
+def for_target(fusion: Fusion, ctx: PassContext) -> Fusion:
+    """On ort-* targets a GELU fusion becomes com.microsoft Gelu / FastGelu (any opset) when a kernel takes its dtype."""
+    op_type = CONTRIB_GELU.get(fusion.kind)
+    if op_type is None or not ort_target(ctx) or not has_kernel(ctx, elem(ctx, fusion.inputs[0])):  # type: ignore[arg-type]
+        return fusion
+    return ContribFusion(fusion.kind, op_type, list(fusion.inputs), fusion.output, fusion.nodes, 1)
+
+
 # (kind, anchor op, matcher), in priority order: Mish before Softplus so a Mish claims its softplus.
 MATCHERS = (
     ("gelu", "Erf", match_gelu),
@@ -264,7 +274,10 @@ class FuseActivations(Pass):
     relative (or the constant dtype's epsilon when that is coarser, e.g. float16); their
     rank must not exceed the input's. Every intermediate must be read only inside the
     pattern and not be a graph output. Below the needed opset nothing is rewritten and a
-    note says why. Swish/SiLU (``x * Sigmoid(x)``) has no standard op and stays as it is.
+    note says why. Targets ``ort-cpu`` / ``ort-gpu``: the GELUs become com.microsoft
+    ``Gelu`` (erf) and ``FastGelu`` (tanh) at any opset, when the input's dtype has a kernel
+    there (ort-cpu: float; ort-gpu: float, float16), and the model imports com.microsoft 1.
+    Swish/SiLU (``x * Sigmoid(x)``) has no standard op and stays as it is.
 
     Post: the new node writes the pattern's last value (graph outputs keep their names).
     Softplus for Log(Exp(x) + 1) is exact where the original overflowed to inf (large x).
@@ -303,9 +316,9 @@ class FuseActivations(Pass):
                 if node.op_type != anchor or not is_standard(node):
                     continue
                 try:
-                    matches.append(matcher(node, view, ctx))
+                    matches.append(for_target(matcher(node, view, ctx), ctx))
                 except NoMatch as exc:
                     debug(self.name, node, exc)
         found = select(matches, set(), ctx, self.name, result)
-        apply_fusions(scope.graph, view, found, ctx, result)
+        apply_rewrites(scope.graph, view, found, ctx, result)
         return result

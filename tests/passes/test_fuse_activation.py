@@ -10,6 +10,7 @@ import pytest
 from helpers import assert_equivalent, init, make_model, op_types, run_pass, tensor_input
 from onnx import ModelProto, TensorProto, helper
 
+import onnxopt
 import onnxopt.passes.fuse_activation  # noqa: F401  (registers the pass)
 from models.build import transformer_block
 from onnxopt.errors import OptionError
@@ -233,3 +234,76 @@ def test_subgraph_is_fused() -> None:
     assert [n.op_type for n in branch.node] == ["HardSwish"]
     feeds = {"x": np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32) * 4, "c": np.array(True)}
     assert_equivalent(model, result.model, feeds)
+
+
+# ----------------------------------------------------------------------------- onnxruntime targets
+
+TANH_TORCH = (
+    [
+        ("Pow", ("x", "three"), "x3"),
+        ("Mul", ("x3", "k"), "t"),
+        ("Add", ("x", "t"), "s"),
+        ("Mul", ("s", "c"), "u"),
+        ("Tanh", ("u",), "h"),
+        ("Add", ("h", "one"), "a"),
+        ("Mul", ("half", "x"), "p"),
+        ("Mul", ("p", "a"), "g"),
+    ],
+    {"three": 3.0, "k": 0.044715, "c": math.sqrt(2 / math.pi), "one": 1.0, "half": 0.5},
+)
+
+
+def run_target(model: ModelProto, target: str):
+    """fuse_activations on ``target`` without fault isolation."""
+    return onnxopt.optimize(model, PASS, target=target, isolate=False)
+
+
+def domains(model: ModelProto) -> dict[str, int]:
+    """The model's opset imports by domain."""
+    return {imp.domain: imp.version for imp in model.opset_import}
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "ort-gpu"])
+@pytest.mark.parametrize(("form", "op_type"), [("erf", "Gelu"), ("tanh", "FastGelu")])
+def test_gelu_becomes_contrib_op_on_ort_targets_at_opset_17(target, form, op_type) -> None:
+    steps, consts = ERF_FORMS["div_then_half"] if form == "erf" else TANH_TORCH
+    model = model_of(steps, consts, opset=17, last="g")
+    result = run_target(model, target)
+    node = result.model.graph.node[0]
+    assert (node.domain, node.op_type) == ("com.microsoft", op_type)
+    assert op_types(result.model) == [op_type, "Neg"]
+    assert domains(result.model) == {"": 17, "com.microsoft": 1}
+    assert not result.report.warnings
+    assert_equivalent(model, result.model)
+
+
+def test_contrib_gelu_at_opset_20_too_and_value_info_kept() -> None:
+    steps, consts = ERF_FORMS["mul_half_first"]
+    model = model_of(steps, consts, opset=20, last="g")
+    result = run_target(model, "ort-cpu")
+    assert [(n.domain, n.op_type) for n in result.model.graph.node] == [("com.microsoft", "Gelu"), ("", "Neg")]
+    declared = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in result.model.graph.value_info}
+    assert declared == {"g": list(SHAPE)}
+    assert_equivalent(model, result.model)
+
+
+@pytest.mark.parametrize("target", ["portable", "trt"])
+def test_no_contrib_op_for_portable_and_trt(target) -> None:
+    steps, consts = ERF_FORMS["div_then_half"]
+    low = run_target(model_of(steps, consts, opset=17, last="g"), target)
+    assert "Gelu" not in op_types(low.model) and domains(low.model) == {"": 17}
+    assert any("Gelu needs ai.onnx opset >= 20" in w for w in low.report.warnings)
+    high = run_target(model_of(steps, consts, opset=20, last="g"), target)
+    assert [(n.domain, n.op_type) for n in high.model.graph.node] == [("", "Gelu"), ("", "Neg")]
+    assert domains(high.model) == {"": 20}
+
+
+def test_double_has_no_contrib_kernel_on_ort_cpu() -> None:
+    """onnxruntime CPU has no double Gelu kernel: the standard rule applies (kept below opset 20, with a note)."""
+    steps, consts = ERF_FORMS["div_then_half"]
+    nodes = [helper.make_node(op, list(ins), [out]) for op, ins, out in steps] + [helper.make_node("Neg", ["g"], ["y"])]
+    inits = [init(name, np.array(value, np.float64)) for name, value in consts.items()]
+    model = make_model(nodes, [tensor_input("x", SHAPE, TensorProto.DOUBLE)], [tensor_input("y", SHAPE, TensorProto.DOUBLE)], inits)
+    result = run_target(model, "ort-cpu")
+    assert all(n.domain == "" for n in result.model.graph.node) and "Erf" in op_types(result.model)
+    assert any("Gelu needs ai.onnx opset >= 20" in w for w in result.report.warnings)
