@@ -6,6 +6,7 @@ from onnxopt.passes import (  # noqa: F401
     dead_code,
     fold_constants,
     fuse_activation,
+    fuse_attention,
     fuse_contrib,
     fuse_conv,
     fuse_layout,
