@@ -78,8 +78,8 @@ CLEANUP_GROUP = [
     "eliminate_dead_code",
 ]
 # Fusions: each reads the run's target and the model's opset, and leaves alone what they do
-# not allow. Value-changing-free rewrites first; div_to_mul last so the GELU matcher still sees
-# the exporter's Div by sqrt(2).
+# not allow (fuse_contrib does nothing unless the target is ort-*). div_to_mul comes last, so
+# the GELU and attention matchers see the exporter's Div first (both take either form).
 FUSION_GROUP = [
     "fold_batchnorm",
     "fold_conv_affine",
@@ -87,6 +87,8 @@ FUSION_GROUP = [
     "fuse_pad_into_conv",
     "fuse_layernorm",
     "fuse_activations",
+    "fuse_contrib",
+    "fuse_attention",
     "fuse_transpose_into_gemm",
     "fuse_matmul_add",
     "merge_layout_chains",

@@ -4,14 +4,20 @@ onnx's inference runs on a *light copy* of the model in which large initializers
 turned into typed graph inputs (their values are never needed for shapes; small ones,
 which may be shape tensors, are kept). If inference fails on the whole model it is
 retried with fewer features, and at worst returns what the model already declares.
+
+onnx has no schemas for other domains' ops (onnxruntime's com.microsoft contrib ops, say),
+so every shape after one would be lost. A pass that emits such an op registers a *stand-in*
+(:func:`register_standin`): standard nodes that write the same outputs with the same types and
+shapes, put in the op's place in the light copy only.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import onnx
-from onnx import ModelProto, TypeProto, helper
+from onnx import ModelProto, NodeProto, TypeProto, ValueInfoProto, helper
 
 from onnxopt.graph import iter_scopes
 
@@ -133,6 +139,61 @@ def _infer(light: ModelProto, data_prop: bool) -> dict[str, TypeProto] | None:
     return _collect(inferred)
 
 
+StaticType = Callable[[str], "tuple[int, tuple[int, ...]] | None"]
+StandIn = Callable[[NodeProto, StaticType], "tuple[list[NodeProto], list[ValueInfoProto]] | None"]
+_STANDINS: dict[tuple[str, str], StandIn] = {}
+
+
+def register_standin(domain: str, op_type: str, standin: StandIn) -> None:
+    """Teach shape inference an op of another domain.
+
+    ``standin(node, static_type)`` returns standard nodes writing ``node``'s outputs with the
+    same types and shapes, plus typed graph inputs those nodes read (weights of a known shape,
+    no data), or None when it cannot; ``static_type(name)`` gives (element type, dims) of an
+    initializer or a static graph input.
+    """
+    _STANDINS[(domain, op_type)] = standin
+
+
+def _put_standins(light: ModelProto) -> None:
+    """Replace, in the light copy, every node that has a registered stand-in by its stand-in."""
+    scopes = iter_scopes(light.graph)
+    if not any((n.domain, n.op_type) in _STANDINS for scope in scopes for n in scope.graph.node if n.domain):
+        return
+    known: dict[str, tuple[int, tuple[int, ...]]] = {}  # names are unique across scopes, so one table serves all
+    for scope in scopes:
+        known.update((t.name, (t.data_type, tuple(t.dims))) for t in scope.graph.initializer)
+        for v in scope.graph.input:
+            if _static_input(v):
+                known[v.name] = (v.type.tensor_type.elem_type, tuple(d.dim_value for d in v.type.tensor_type.shape.dim))
+    for scope in reversed(scopes):  # innermost first: rebuilding a graph copies its subgraphs
+        graph = scope.graph
+        if not any((n.domain, n.op_type) in _STANDINS for n in graph.node):
+            continue
+        rebuilt: list[NodeProto] = []
+        written: set[str] = set()
+        for node in graph.node:
+            standin = _STANDINS.get((node.domain, node.op_type))
+            found = standin(node, known.get) if standin is not None else None
+            if found is None:
+                rebuilt.append(node)
+                continue
+            nodes, inputs = found
+            rebuilt.extend(nodes)
+            light.graph.input.extend(inputs)  # main-graph inputs are visible in every subgraph (If branches take none)
+            written.update(o for o in node.output if o)
+        kept = [v for v in graph.value_info if v.name not in written]  # the stand-ins' outputs are inferred afresh
+        del graph.node[:]
+        graph.node.extend(rebuilt)
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+
+
+def _static_input(value: ValueInfoProto) -> bool:
+    tensor = value.type.tensor_type if value.type.WhichOneof("value") == "tensor_type" else None
+    return tensor is not None and tensor.HasField("shape") and all(d.HasField("dim_value") for d in tensor.shape.dim)
+
+
 def infer_types(model: ModelProto) -> dict[str, TypeProto]:
     """Inferred types of every named value (all graphs); missing names are unknown.
 
@@ -141,6 +202,8 @@ def infer_types(model: ModelProto) -> dict[str, TypeProto]:
     at worst to what the model declares. Failures are logged at debug level, never raised.
     """
     light = light_copy(model)
+    if _STANDINS:
+        _put_standins(light)
     plain = _infer(light, data_prop=False)
     if plain is None:
         return _collect(model)

@@ -18,10 +18,11 @@ from onnx import NodeProto, helper
 from onnxopt.errors import OptionError
 from onnxopt.graph import GraphScope, GraphView, is_standard
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, option
-from onnxopt.passes.fuse_contrib import ContribFusion, apply_rewrites, has_kernel, ort_target
+from onnxopt.passes.contrib_ops import MS_DOMAIN, has_kernel, ort_target
 from onnxopt.passes.fusion_support import (
     FLOAT_TYPES,
     Fusion,
+    apply_fusions,
     check_private,
     close,
     const_name,
@@ -246,7 +247,7 @@ def for_target(fusion: Fusion, ctx: PassContext) -> Fusion:
     op_type = CONTRIB_GELU.get(fusion.kind)
     if op_type is None or not ort_target(ctx) or not has_kernel(ctx, elem(ctx, fusion.inputs[0])):  # type: ignore[arg-type]
         return fusion
-    return ContribFusion(fusion.kind, op_type, list(fusion.inputs), fusion.output, fusion.nodes, 1)
+    return Fusion(fusion.kind, op_type, list(fusion.inputs), fusion.output, fusion.nodes, 1, domain=MS_DOMAIN)
 
 
 # (kind, anchor op, matcher), in priority order: Mish before Softplus so a Mish claims its softplus.
@@ -320,5 +321,5 @@ class FuseActivations(Pass):
                 except NoMatch as exc:
                     debug(self.name, node, exc)
         found = select(matches, set(), ctx, self.name, result)
-        apply_rewrites(scope.graph, view, found, ctx, result)
+        apply_fusions(scope.graph, view, found, ctx, result)
         return result

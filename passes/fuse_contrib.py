@@ -10,193 +10,21 @@ here emits a non-standard op.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-from onnx import GraphProto, ModelProto, NodeProto, TensorProto, TypeProto, ValueInfoProto, helper, numpy_helper
+from onnx import NodeProto
 
 from onnxopt.errors import OptionError
-from onnxopt.graph import GraphScope, GraphView, is_standard, iter_scopes
+from onnxopt.graph import GraphScope, GraphView, is_standard
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, option
+from onnxopt.passes.contrib_ops import MS_DOMAIN, has_kernel, ort_target
 from onnxopt.passes.fuse_linear import symbolic_dims
-from onnxopt.passes.fusion_support import Fusion, check_private, const_name, debug, elem, producer, rank, select
+from onnxopt.passes.fusion_support import Fusion, apply_fusions, check_private, const_name, debug, elem, producer, rank, select
 from onnxopt.passes.noop_rules import NoMatch, get_attr, require
 from onnxopt.registry import register_pass
-from onnxopt.shapes import infer_types, light_copy
 
-MS_DOMAIN = "com.microsoft"
-MS_VERSION = 1
-ORT_TARGETS = frozenset({"ort-cpu", "ort-gpu"})
-# Element types with a native kernel of every op emitted here (CPU: float only; CUDA: float and float16).
-KERNEL_TYPES = {
-    "ort-cpu": frozenset({TensorProto.FLOAT}),
-    "ort-gpu": frozenset({TensorProto.FLOAT, TensorProto.FLOAT16}),
-}
 KINDS = ("bias_gelu", "fast_gelu_bias", "skip_layernorm")
-
-
-@dataclass
-class ContribFusion(Fusion):
-    """A :class:`Fusion` whose new node is a contrib op, may write several outputs and may take an earlier place.
-
-    ``outputs`` is the new node's full output list ("" for an unused optional output; empty
-    means ``[output]``); ``anchor`` is the pattern node whose place the new node takes
-    (default: the producer of ``output``).
-    """
-
-    domain: str = MS_DOMAIN
-    outputs: list[str] = field(default_factory=list)
-    anchor: NodeProto | None = None
-
-
-def ort_target(ctx: PassContext) -> bool:
-    """Whether the run targets onnxruntime (``ort-cpu`` or ``ort-gpu``)."""
-    return ctx.target in ORT_TARGETS
-
-
-def has_kernel(ctx: PassContext, dtype: int) -> bool:
-    """Whether the target's onnxruntime kernels of the emitted contrib ops take ``dtype``."""
-    return dtype in KERNEL_TYPES.get(ctx.target, frozenset())
-
-
-def import_domain(model: ModelProto) -> None:
-    """Add the com.microsoft opset import (version 1) unless the model has one."""
-    if not any(imp.domain == MS_DOMAIN for imp in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, MS_VERSION))
-
-
-def apply_rewrites(graph: GraphProto, view: GraphView, fusions: list[Fusion], ctx: PassContext, result: PassResult) -> None:
-    """Replace each fusion's nodes by its new node, in one rebuild of the node list.
-
-    Like :func:`~onnxopt.passes.fusion_support.apply_fusions` (same names, same placement)
-    for standard fusions; a :class:`ContribFusion` also gets its domain, its extra outputs
-    and its anchor's place, the outputs of a contrib node keep their inferred types as
-    value_info (onnx cannot infer through com.microsoft ops; see :func:`declared_type`), and
-    the model imports the com.microsoft domain.
-    """
-    if not fusions:
-        return
-    replaced: dict[int, list[NodeProto]] = {}
-    stale: set[str] = set()
-    declared: list[ValueInfoProto] = []
-    known = {v.name for v in graph.value_info} | {o.name for o in graph.output}
-    symbols = model_symbols(ctx.model)
-    for fusion in fusions:
-        inputs: list[str] = []
-        for index, item in enumerate(fusion.inputs):
-            if isinstance(item, str):
-                inputs.append(item)
-                continue
-            name = ctx.names.fresh(f"{fusion.output}_{fusion.op_type.lower()}_in{index}")
-            graph.initializer.append(numpy_helper.from_array(item, name))
-            inputs.append(name)
-        contrib = isinstance(fusion, ContribFusion)
-        outputs = list(fusion.outputs) if contrib and fusion.outputs else [fusion.output]  # type: ignore[attr-defined]
-        node = helper.make_node(
-            fusion.op_type,
-            inputs,
-            outputs,
-            name=ctx.names.fresh(f"{fusion.output}_{fusion.op_type}"),
-            domain=fusion.domain if contrib else None,  # type: ignore[attr-defined]
-            **fusion.attrs,
-        )
-        written = {o for o in outputs if o}
-        for old in fusion.nodes:
-            replaced[id(old)] = []
-            stale.update(o for o in old.output if o and o not in written)
-        anchor = fusion.anchor if contrib and fusion.anchor is not None else view.producer[fusion.output]  # type: ignore[attr-defined]
-        replaced[id(anchor)] = [node]
-        if contrib:
-            for name in outputs:
-                type_proto = ctx.types.get(name) if name else None
-                if type_proto is not None and name not in known:
-                    declared.append(declared_type(name, type_proto, symbols))
-                    known.add(name)
-        result.count(fusion.kind)
-    rebuilt: list[NodeProto] = []
-    for old in view.nodes:
-        rebuilt.extend(replaced.get(id(old), [old]))
-    del graph.node[:]
-    graph.node.extend(rebuilt)
-    if any(v.name in stale for v in graph.value_info):
-        kept = [v for v in graph.value_info if v.name not in stale]
-        del graph.value_info[:]
-        graph.value_info.extend(kept)
-    graph.value_info.extend(declared)
-    if any(isinstance(f, ContribFusion) for f in fusions):
-        import_domain(ctx.model)
-
-
-def model_symbols(model: ModelProto) -> set[str]:
-    """The dim_params of the main graph's inputs and outputs: the model's own, stable shape symbols."""
-    names: set[str] = set()
-    for value in [*model.graph.input, *model.graph.output]:
-        if value.type.WhichOneof("value") == "tensor_type":
-            names.update(d.dim_param for d in value.type.tensor_type.shape.dim if d.dim_param)
-    return names
-
-
-def declared_type(name: str, type_proto: TypeProto, symbols: set[str]) -> ValueInfoProto:
-    """A value_info of ``type_proto`` that keeps static dims and the model's own symbols only.
-
-    Symbols that onnx generated (``unk__N``) are only meaningful within one inference run;
-    written into the model they would be taken as facts by later runs, so such dims are
-    written as unknown.
-    """
-    value = ValueInfoProto(name=name)
-    value.type.CopyFrom(type_proto)
-    if value.type.WhichOneof("value") == "tensor_type" and value.type.tensor_type.HasField("shape"):
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.HasField("dim_param") and dim.dim_param not in symbols:
-                dim.Clear()
-    return value
-
-
-def standin_nodes(node: NodeProto) -> list[NodeProto] | None:
-    """Standard nodes writing the same outputs with the same types and shapes as a contrib node this module emits, or None."""
-    if node.domain != MS_DOMAIN:
-        return None
-    inputs = list(node.input)
-    if node.op_type in ("Gelu", "FastGelu", "BiasGelu") and len(node.output) == 1:
-        if len(inputs) == 2 and inputs[1]:
-            return [helper.make_node("Add", inputs, list(node.output))]
-        return [helper.make_node("Identity", inputs[:1], list(node.output))] if len(inputs) == 1 else None
-    if node.op_type == "SkipLayerNormalization" and not any(node.output[1:3]):
-        outputs = [o for i, o in enumerate(node.output) if o and i in (0, 3)]
-        return [helper.make_node("Identity", inputs[:1], [o]) for o in outputs]
-    return None
-
-
-def standin_types(ctx: PassContext) -> dict:
-    """Inferred types with every contrib node of this module replaced by a standard stand-in (see :func:`standin_nodes`).
-
-    onnx cannot infer through com.microsoft ops, so shape symbols downstream of one are lost
-    or stale; the stand-ins give one consistent inference run. ``ctx.types`` when the model
-    has no such node.
-    """
-    scopes = iter_scopes(ctx.model.graph)
-    if not any(n.domain == MS_DOMAIN for scope in scopes for n in scope.graph.node):
-        return ctx.types
-    light = light_copy(ctx.model)
-    for scope in iter_scopes(light.graph):
-        graph = scope.graph
-        written: set[str] = set()
-        rebuilt: list[NodeProto] = []
-        for node in graph.node:
-            standin = standin_nodes(node)
-            if standin is None:
-                rebuilt.append(node)
-                continue
-            rebuilt.extend(standin)
-            written.update(o for o in node.output if o)
-        if written:
-            kept = [v for v in graph.value_info if v.name not in written]
-            del graph.node[:]
-            graph.node.extend(rebuilt)
-            del graph.value_info[:]
-            graph.value_info.extend(kept)
-    return infer_types(light)
 
 
 # ----------------------------------------------------------------------------- shared checks
@@ -254,7 +82,7 @@ def gelu_kind(node: NodeProto) -> tuple[str, str]:
     return ("bias_gelu", "BiasGelu") if approximate == "none" else ("fast_gelu_bias", "FastGelu")
 
 
-def match_bias_gelu(gelu: NodeProto, view: GraphView, ctx: PassContext) -> ContribFusion:
+def match_bias_gelu(gelu: NodeProto, view: GraphView, ctx: PassContext) -> Fusion:
     """``Gelu(Add(x, bias))`` -> com.microsoft BiasGelu(x, bias); the tanh form -> FastGelu(x, bias)."""
     kind, op_type = gelu_kind(gelu)
     require(len(gelu.output) == 1, "the GELU has extra outputs")
@@ -265,7 +93,7 @@ def match_bias_gelu(gelu: NodeProto, view: GraphView, ctx: PassContext) -> Contr
     readers = view.consumers.get(add.output[0], [])
     require(add.output[0] not in view.graph_outputs, f"the biased value '{add.output[0]}' is a graph output")
     require(all(r is gelu for r in readers), f"the biased value '{add.output[0]}' is also read outside the GELU")
-    return ContribFusion(kind, op_type, [x, bias], gelu.output[0], [add, gelu], 1)
+    return Fusion(kind, op_type, [x, bias], gelu.output[0], [add, gelu], 1, domain=MS_DOMAIN)
 
 
 def same_dims(a: list | None, b: list | None) -> bool:
@@ -305,7 +133,7 @@ def split_residual(view: GraphView, ctx: PassContext, add: NodeProto) -> tuple[s
     return a, b, None, []
 
 
-def match_skip_layernorm(ln: NodeProto, view: GraphView, ctx: PassContext) -> ContribFusion:
+def match_skip_layernorm(ln: NodeProto, view: GraphView, ctx: PassContext) -> Fusion:
     """``LayerNormalization(Add(x, skip) [+ bias], gamma, beta, axis=-1)`` -> com.microsoft SkipLayerNormalization."""
     require(is_standard(ln) and ln.op_type == "LayerNormalization", "not a LayerNormalization")
     require(all(not o for o in ln.output[1:]), "the LayerNormalization writes its mean / inverse deviation")
@@ -337,7 +165,9 @@ def match_skip_layernorm(ln: NodeProto, view: GraphView, ctx: PassContext) -> Co
     eps = float(get_attr(ln, "epsilon", 1e-5))  # type: ignore[arg-type]
     nodes = [*bias_nodes, add, ln]
     attrs = {"epsilon": eps}
-    return ContribFusion("skip_layernorm", "SkipLayerNormalization", inputs, ln.output[0], nodes, 1, attrs, outputs=outputs, anchor=add)
+    return Fusion(
+        "skip_layernorm", "SkipLayerNormalization", inputs, ln.output[0], nodes, 1, attrs, domain=MS_DOMAIN, outputs=outputs, anchor=add
+    )
 
 
 # (kind, anchor op types, matcher)
@@ -380,11 +210,10 @@ class FuseContrib(Pass):
     (version 1). Intermediates read outside a pattern, graph-output intermediates and
     unknown custom-domain ops are left alone.
 
-    Types come from one inference run in which the contrib nodes already in the model
-    stand in as standard ops of the same shapes (onnx cannot infer through them).
+    Types of values after contrib nodes come from their shape stand-ins
+    (:mod:`onnxopt.passes.contrib_ops`).
 
-    Post: the fused node writes the pattern's last value; value_info keeps the dtype, rank
-    and static dims of contrib outputs so later passes still see them.
+    Post: the fused node writes the pattern's last value.
     """
 
     name = "fuse_contrib"
@@ -409,7 +238,6 @@ class FuseContrib(Pass):
         if not ort_target(ctx):
             return result
         view = ctx.view(scope.graph)
-        ctx = dataclasses.replace(ctx, _types=standin_types(ctx))
         wanted = set(self.options.kinds)  # type: ignore[attr-defined]
         matches: list[Fusion] = []
         for kind, types, matcher in MATCHERS:
@@ -423,5 +251,5 @@ class FuseContrib(Pass):
                 except NoMatch as exc:
                     debug(self.name, node, exc)
         found = select(matches, set(), ctx, self.name, result)
-        apply_rewrites(scope.graph, view, found, ctx, result)
+        apply_fusions(scope.graph, view, found, ctx, result)
         return result

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from onnx import GraphProto, NodeProto, TensorProto, helper, numpy_helper
+from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from onnxopt.graph import GraphView, is_standard, node_label, opset_version
 from onnxopt.passbase import PassContext, PassResult
@@ -28,11 +28,15 @@ REL_TOL = 1e-6
 
 @dataclass
 class Fusion:
-    """One match: the pattern's nodes and the standard op that replaces them.
+    """One match: the pattern's nodes and the op that replaces them.
 
     ``inputs`` are value names, or numpy arrays that become new initializers at rewrite
-    time; ``output`` is the pattern's last value, which the new node writes. A subclass whose
-    replacement is more than one node overrides :meth:`build`.
+    time; ``output`` is the pattern's last value, which the new node writes. ``domain`` is
+    the new op's ("" standard; another domain is imported, version 1, when the rewrite emits
+    it); ``outputs`` its full output list when it writes more than ``output`` ("" for an
+    unused optional output); ``anchor`` the pattern node whose place it takes (default: the
+    producer of ``output``). A subclass whose replacement is more than one node overrides
+    :meth:`build`.
     """
 
     kind: str
@@ -42,12 +46,22 @@ class Fusion:
     nodes: list[NodeProto]
     opset: int
     attrs: dict[str, Any] = field(default_factory=dict)
+    domain: str = ""
+    outputs: list[str] = field(default_factory=list)
+    anchor: NodeProto | None = None
 
     def build(self, graph: GraphProto, ctx: PassContext) -> list[NodeProto]:
         """The new nodes (here one) that write :attr:`output`; array inputs become new initializers of ``graph``."""
         inputs = materialize_inputs(graph, self.inputs, f"{self.output}_{self.op_type.lower()}", ctx)
         name = ctx.names.fresh(f"{self.output}_{self.op_type}")
-        return [helper.make_node(self.op_type, inputs, [self.output], name=name, **self.attrs)]
+        outputs = self.outputs or [self.output]
+        return [helper.make_node(self.op_type, inputs, outputs, name=name, domain=self.domain or None, **self.attrs)]
+
+
+def import_domain(model: ModelProto, domain: str, version: int = 1) -> None:
+    """Add an opset import of ``domain`` unless the model has one."""
+    if domain and not any(imp.domain == domain for imp in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(domain, version))
 
 
 def materialize_inputs(graph: GraphProto, items: list[str | np.ndarray], prefix: str, ctx: PassContext) -> list[str]:
@@ -176,11 +190,13 @@ def apply_fusions(graph: GraphProto, view: GraphView, fusions: list[Fusion], ctx
     stale: set[str] = set()
     for fusion in fusions:
         new_nodes = fusion.build(graph, ctx)
+        written = {o for o in fusion.outputs or [fusion.output] if o}
         for old in fusion.nodes:
             replaced[id(old)] = []
-            stale.update(o for o in old.output if o and o != fusion.output)
-        replaced[id(view.producer[fusion.output])] = new_nodes
+            stale.update(o for o in old.output if o and o not in written)
+        replaced[id(fusion.anchor if fusion.anchor is not None else view.producer[fusion.output])] = new_nodes
         result.count(fusion.kind)
+        import_domain(ctx.model, fusion.domain)
     replace_nodes(graph, view.nodes, replaced)
     drop_value_info(graph, stale)
 
