@@ -15,6 +15,8 @@ import onnxopt.passes.fuse_contrib  # noqa: F401  (registers the pass)
 from onnxopt.errors import OptionError
 
 PASS = "fuse_contrib"
+# SkipLayerNormalization is opt-in on ort-cpu (slower kernel there); the rule tests opt in.
+PASS_ALL = "fuse_contrib:skip_layernorm_on_cpu=true"
 F32 = TensorProto.FLOAT
 H = 8
 RNG = np.random.default_rng(0)
@@ -25,7 +27,7 @@ def weights(*shape: int, dtype: type = np.float32) -> np.ndarray:
     return RNG.standard_normal(shape).astype(dtype)
 
 
-def run(model: ModelProto, passes: str = PASS, target: str = "ort-cpu") -> onnxopt.OptimizeResult:
+def run(model: ModelProto, passes: str = PASS_ALL, target: str = "ort-cpu") -> onnxopt.OptimizeResult:
     """Optimize ``model`` on ``target`` without fault isolation (bugs raise)."""
     return onnxopt.optimize(model, passes, target=target, isolate=False)
 
@@ -235,7 +237,7 @@ def test_two_blocks_fuse_in_one_run_and_types_survive() -> None:
     inits = [init("w", weights(H, H)), init("gamma", weights(H) + 1), init("beta", weights(H)), init("shape", np.array([0, 0, H]))]
     shape = ("batch", "seq", H)
     model = make_model(nodes, [tensor_input("x", shape), tensor_input("skip", shape)], [tensor_input("y", shape)], inits)
-    once = run(model, "fuse_contrib:kinds=skip_layernorm")
+    once = run(model, f"{PASS_ALL},kinds=skip_layernorm")
     assert ops(once.model).count("com.microsoft:SkipLayerNormalization") == 2
     assert_equivalent(model, once.model, input_shapes={"x": (2, 5, H), "skip": (2, 5, H)})
     # first block fused by an earlier run: the second one is still matched from the stand-in types
@@ -376,3 +378,12 @@ def test_subgraph_is_fused() -> None:
     assert [n.op_type for n in branch.node] == ["MatMul", "SkipLayerNormalization"]
     feeds = {"cond": np.array(True), "x": weights(2, 3, H), "skip": weights(2, 3, H)}
     assert_equivalent(model, result.model, feeds)
+
+
+def test_skip_layernorm_is_opt_in_on_ort_cpu_only():
+    model = residual_ln()
+    assert "com.microsoft:SkipLayerNormalization" not in ops(run(model, PASS).model)
+    assert "com.microsoft:SkipLayerNormalization" in ops(run(model, PASS, target="ort-gpu").model)
+    fused = run(model, PASS_ALL).model
+    assert "com.microsoft:SkipLayerNormalization" in ops(fused)
+    assert_equivalent(model, fused)
