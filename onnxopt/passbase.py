@@ -95,7 +95,7 @@ class PassContext:
         """
         key = id(graph)
         view = self._views.get(key)
-        if view is None or view.graph is not graph:
+        if view is None or view.graph is not graph or not _same_nodes(view, graph):
             view = self._views[key] = GraphView.build(graph)
         return view
 
@@ -122,6 +122,14 @@ class PassContext:
         self._names = None
         self._scopes = None
         self._views.clear()
+
+
+def _same_nodes(view: GraphView, graph: GraphProto) -> bool:
+    """Whether ``view`` still holds ``graph``'s node objects (a rebuild of the node list copies them all)."""
+    nodes = graph.node
+    if len(view.nodes) != len(nodes):
+        return False
+    return not nodes or (view.nodes[0] is nodes[0] and view.nodes[-1] is nodes[len(nodes) - 1])
 
 
 def option(default: Any, help: str) -> Any:

@@ -634,6 +634,8 @@ def _placeholder(x: Term) -> bool:
 
 def rewrite(scope: GraphScope, view: GraphView, plans: list[Plan], ctx: PassContext, result: PassResult) -> None:
     """Replace every chosen match by its new nodes, placed where the pattern's output was written."""
+    if not plans:
+        return
     order = {id(n): i for i, n in enumerate(view.nodes)}
     plans = sorted(plans, key=lambda p: order[id(view.producer[p.fusion.output])])
     emitter = Emitter(scope.graph, ctx)

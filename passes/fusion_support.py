@@ -81,8 +81,11 @@ def replace_nodes(graph: GraphProto, nodes: list[NodeProto], replaced: dict[int,
     """Rebuild ``graph.node`` from ``nodes``: ids in ``replaced`` become their lists (empty: removed).
 
     ``nodes`` must be the node objects the ids were taken from (e.g. ``GraphView.nodes``),
-    kept alive until now, and this must be the only rebuild (it copies the nodes).
+    kept alive until now, and this must be the only rebuild (it copies the nodes, so views of the
+    graph go stale: nothing is rebuilt when nothing is replaced).
     """
+    if not replaced:
+        return
     rebuilt: list[NodeProto] = []
     for node in nodes:
         rebuilt.extend(replaced.get(id(node), [node]))

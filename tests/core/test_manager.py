@@ -243,3 +243,27 @@ def test_a_note_repeated_by_fixpoint_iterations_is_reported_once():
     result = onnxopt.optimize(_chain_model(), [group], isolate=False)
     assert len([r for r in result.report.passes if r.name == "test_notes_every_run"]) > 1
     assert result.report.warnings.count("the same note") == 1
+
+
+class RebuildsUnchanged(Pass):
+    """Test pass: rebuilds the node list (copying every node) without changing anything, and says so."""
+
+    name = "test_rebuilds_unchanged"
+
+    def run_graph(self, scope: GraphScope, ctx: PassContext) -> PassResult:
+        ctx.view(scope.graph)  # a view of the nodes as they were
+        nodes = list(scope.graph.node)
+        del scope.graph.node[:]
+        scope.graph.node.extend(nodes)
+        return PassResult()
+
+
+def test_a_view_is_rebuilt_after_an_unreported_rebuild_of_the_node_list():
+    model = make_model(
+        [helper.make_node("Identity", ["x"], ["a"]), helper.make_node("Relu", ["a"], ["b"]), helper.make_node("Neg", ["b"], ["y"])],
+        [tensor_input("x", [2, 3])],
+        [tensor_input("y", [2, 3])],
+    )
+    result = onnxopt.optimize(model, [RebuildsUnchanged(), "eliminate_noops"], isolate=False)
+    assert [n.op_type for n in result.model.graph.node] == ["Relu", "Neg"]
+    assert result.model.graph.node[0].input[0] == "x"
