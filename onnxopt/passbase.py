@@ -16,6 +16,7 @@ import dataclasses
 import enum
 import typing
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, get_args, get_origin
 
@@ -184,6 +185,14 @@ class PassOptions:
         options = cls(**kwargs)
         options.validate()
         return options
+
+
+def check_choices(pass_name: str, option_name: str, values: tuple[str, ...], known: Iterable[str], what: str = "kind") -> None:
+    """Raise :class:`OptionError` naming the first of ``values`` that is not one of ``known``."""
+    choices = sorted(known) if not isinstance(known, tuple) else list(known)
+    unknown = [value for value in values if value not in choices]
+    if unknown:
+        raise OptionError(f"option '{option_name}' of pass '{pass_name}': unknown {what} '{unknown[0]}' (known: {', '.join(choices)})")
 
 
 def _type_name(tp: Any) -> str:

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from onnx import NodeProto, helper
 
-from onnxopt.errors import OptionError
 from onnxopt.graph import GraphScope, GraphView, is_standard
-from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, option
+from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_choices, option
 from onnxopt.passes.contrib_ops import MS_DOMAIN, has_kernel, ort_target
 from onnxopt.passes.fusion_support import (
     FLOAT_TYPES,
@@ -297,9 +296,7 @@ class FuseActivations(Pass):
 
         def validate(self) -> None:
             """Every kind must be one the pass knows."""
-            unknown = [kind for kind in self.kinds if kind not in KINDS]
-            if unknown:
-                raise OptionError(f"option 'kinds' of pass 'fuse_activations': unknown kind '{unknown[0]}' (known: {', '.join(KINDS)})")
+            check_choices("fuse_activations", "kinds", self.kinds, KINDS)
 
     def run_graph(self, scope: GraphScope, ctx: PassContext) -> PassResult:
         """Match every activation pattern (Mish before Softplus), then rewrite."""

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
-from onnxopt.graph import GraphScope, GraphView, is_standard, node_label, opset_version
+from onnxopt.graph import GraphScope, GraphView, is_standard, opset_version
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, option
 from onnxopt.passes.attention_layout import (
     MAX_CONE,
@@ -31,6 +31,7 @@ from onnxopt.passes.attention_layout import (
 from onnxopt.passes.contrib_ops import MS_DOMAIN, MS_VERSION
 from onnxopt.passes.fusion_support import (
     Fusion,
+    check_private,
     const_name,
     debug,
     drop_value_info,
@@ -332,19 +333,6 @@ def live_shapes(view: GraphView, nodes: list[NodeProto], output: str, proof: Pro
     return found
 
 
-def check_private_all(view: GraphView, nodes: list[NodeProto], output: str, rebuilt: set[int] | None = None) -> None:
-    """Every value the pattern's nodes write, but ``output``, is read only by pattern nodes (or ``rebuilt`` Shape nodes)."""
-    members = {id(n) for n in nodes} | (rebuilt or set())
-    for node in nodes:
-        require(is_standard(node), f"{node_label(node)} is not a standard op")
-        for name in node.output:
-            if not name or name == output:
-                continue
-            require(name not in view.graph_outputs, f"the intermediate '{name}' is a graph output")
-            outside = [r for r in view.consumers.get(name, []) if id(r) not in members]
-            require(not outside, f"the intermediate '{name}' is also read by {node_label(outside[0])}" if outside else "")
-
-
 def match_attention(softmax: NodeProto, view: GraphView, ctx: PassContext, op_type: str, opset: int, packed: bool = False) -> Plan:
     """``Softmax`` anchoring ``MatMul(Softmax(MatMul(Q, K^T) * scale + mask), V)`` (see :class:`FuseAttention`)."""
     require(softmax.op_type == "Softmax" and is_standard(softmax), "not a Softmax")
@@ -461,7 +449,7 @@ def match_attention(softmax: NodeProto, view: GraphView, ctx: PassContext, op_ty
     seeds += [r.output[0] for n in nodes for o in n.output for r in view.consumers.get(o, []) if r.op_type == "Shape"]
     nodes += dead_cone(view, nodes, seeds)
     shapes = live_shapes(view, nodes, output, proof)
-    check_private_all(view, nodes, output, {id(node) for node, _ in shapes})
+    check_private(view, nodes, output, {id(node) for node, _ in shapes})
     total = scale * q.scale * k.scale
     mask_dims, expand, lowest = (None, False, False)
     if mask is not None:
@@ -486,7 +474,7 @@ def match_attention(softmax: NodeProto, view: GraphView, ctx: PassContext, op_ty
                 [r.output[0] for x in plan.packed.nodes for r in view.consumers.get(x.output[0], []) if r.op_type == "Shape"],
             )
             plan.shapes = live_shapes(view, extended, output, proof)
-            check_private_all(view, extended, output, {id(node) for node, _ in plan.shapes})
+            check_private(view, extended, output, {id(node) for node, _ in plan.shapes})
             fusion.nodes = extended
             fusion.op_type = "Attention"
         except NoMatch as exc:

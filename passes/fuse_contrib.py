@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import NodeProto
 
-from onnxopt.errors import OptionError
 from onnxopt.graph import GraphScope, GraphView, is_standard
-from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, option
+from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_choices, option
 from onnxopt.passes.contrib_ops import MS_DOMAIN, has_kernel, ort_target
 from onnxopt.passes.fuse_linear import symbolic_dims
 from onnxopt.passes.fusion_support import Fusion, apply_fusions, check_private, const_name, debug, elem, producer, rank, select
@@ -236,9 +235,7 @@ class FuseContrib(Pass):
 
         def validate(self) -> None:
             """Every kind must be one the pass knows."""
-            unknown = [kind for kind in self.kinds if kind not in KINDS]
-            if unknown:
-                raise OptionError(f"option 'kinds' of pass 'fuse_contrib': unknown kind '{unknown[0]}' (known: {', '.join(KINDS)})")
+            check_choices("fuse_contrib", "kinds", self.kinds, KINDS)
 
     def run_graph(self, scope: GraphScope, ctx: PassContext) -> PassResult:
         """Match every rule on ort-* targets, then rewrite once."""

@@ -154,9 +154,9 @@ def other_input(node: NodeProto, name: str) -> str:
     return node.input[1] if node.input[0] == name else node.input[0]
 
 
-def check_private(view: GraphView, nodes: list[NodeProto], output: str) -> None:
-    """Every value the pattern's nodes write, except ``output``, must be read only inside the pattern."""
-    members = {id(n) for n in nodes}
+def check_private(view: GraphView, nodes: list[NodeProto], output: str, also: set[int] | None = None) -> None:
+    """Every value the pattern's nodes write, except ``output``, must be read only inside the pattern (or by ``also``, node ids)."""
+    members = {id(n) for n in nodes} | (also or set())
     for node in nodes:
         require(is_standard(node), f"{node_label(node)} is not a standard op")
         for name in node.output:

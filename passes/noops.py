@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 from onnx import GraphProto, NodeProto
 
-from onnxopt.errors import InvalidModelError, OptionError
+from onnxopt.errors import InvalidModelError
 from onnxopt.graph import GraphScope, GraphView, rename_inputs
-from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, option
+from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_choices, option
 from onnxopt.passes.noop_rules import RULES, match
 from onnxopt.registry import register_pass
 
@@ -110,10 +110,7 @@ class EliminateNoops(Pass):
 
         def validate(self) -> None:
             """Every excluded op type must be one the pass knows."""
-            unknown = [op for op in self.exclude if op not in RULES]
-            if unknown:
-                known = ", ".join(sorted(RULES))
-                raise OptionError(f"option 'exclude' of pass 'eliminate_noops': unknown op type '{unknown[0]}' (known: {known})")
+            check_choices("eliminate_noops", "exclude", self.exclude, RULES, what="op type")
 
     def run_graph(self, scope: GraphScope, ctx: PassContext) -> PassResult:
         """Match every node of the graph, plan, then rewrite."""
