@@ -247,15 +247,21 @@ def channel_operand(view: GraphView, name: str, channels: int, x_rank: int, dtyp
     return np.ascontiguousarray(np.broadcast_to(array.reshape(-1), (channels,)))  # type: ignore[union-attr]
 
 
-def instancenorm(core: Moments, view: GraphView, ctx: PassContext) -> Fusion:
-    """InstanceNormalization for a normalization over every spatial axis of an (N, C, ...) value."""
-    require(core.dtype != TensorProto.BFLOAT16, "InstanceNormalization takes no bfloat16 before opset 22")
+def channel_affine(core: Moments, view: GraphView, ctx: PassContext) -> tuple[int, list[NodeProto], str, Any, Any]:
+    """(channels, pattern nodes, output, gamma, beta) of ``core`` and its optional per-channel Mul/Add; checked private."""
     channels = channels_of(ctx, core.x)
     affine, output, gamma, beta = match_affine(
         view, core.normed, lambda name, role: channel_operand(view, name, channels, core.x_rank, core.dtype, role)
     )
     nodes = [*core.nodes, *affine]
     check_private(view, nodes, output)
+    return channels, nodes, output, gamma, beta
+
+
+def instancenorm(core: Moments, view: GraphView, ctx: PassContext) -> Fusion:
+    """InstanceNormalization for a normalization over every spatial axis of an (N, C, ...) value."""
+    require(core.dtype != TensorProto.BFLOAT16, "InstanceNormalization takes no bfloat16 before opset 22")
+    channels, nodes, output, gamma, beta = channel_affine(core, view, ctx)
     np_dtype = helper.tensor_dtype_to_np_dtype(core.dtype)
     scale = gamma if gamma is not None else np.ones(channels, np_dtype)
     bias = beta if beta is not None else np.zeros(channels, np_dtype)
@@ -283,12 +289,7 @@ class TransposedFusion(Fusion):
 
 def channel_layernorm(core: Moments, view: GraphView, ctx: PassContext) -> TransposedFusion:
     """``Transpose -> LayerNormalization(axis=-1) -> Transpose`` for a normalization over axis 1 of a rank >= 3 value."""
-    channels = channels_of(ctx, core.x)
-    affine, output, gamma, beta = match_affine(
-        view, core.normed, lambda name, role: channel_operand(view, name, channels, core.x_rank, core.dtype, role)
-    )
-    nodes = [*core.nodes, *affine]
-    check_private(view, nodes, output)
+    channels, nodes, output, gamma, beta = channel_affine(core, view, ctx)
     np_dtype = helper.tensor_dtype_to_np_dtype(core.dtype)
     inputs: list[str | np.ndarray] = [core.x, gamma if gamma is not None else np.ones(channels, np_dtype)]
     if beta is not None:
