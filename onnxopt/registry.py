@@ -87,6 +87,7 @@ FUSION_GROUP = [
     "fuse_pad_into_conv",
     "fuse_layernorm",
     "fuse_activations",
+    "fuse_softmax",
     "fuse_contrib",
     "fuse_attention",
     "fuse_transpose_into_gemm",

@@ -12,6 +12,7 @@ from onnxopt.passes import (  # noqa: F401
     fuse_layout,
     fuse_linear,
     fuse_norm,
+    fuse_softmax,
     noops,
     opset,
     reshape_shapes,
