@@ -88,6 +88,7 @@ FUSION_GROUP = [
     "fuse_layernorm",
     "fuse_activations",
     "fuse_softmax",
+    "fuse_reduce_mean",
     "fuse_contrib",
     "fuse_attention",
     "fuse_transpose_into_gemm",

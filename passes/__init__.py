@@ -11,6 +11,7 @@ from onnxopt.passes import (  # noqa: F401
     fuse_conv,
     fuse_layout,
     fuse_linear,
+    fuse_mean,
     fuse_norm,
     fuse_softmax,
     noops,
