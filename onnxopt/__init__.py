@@ -61,6 +61,9 @@ def optimize(
     precision: str = "fp32",
     isolate: bool = True,
     validate: bool = True,
+    calibration: Any = None,
+    calibration_preprocess: str | None = None,
+    calibration_limit: int | None = None,
 ) -> OptimizeResult:
     """Optimize a model (path or ModelProto; a given ModelProto is not modified).
 
@@ -69,18 +72,28 @@ def optimize(
     model to that ai.onnx opset first (verified); target ``trt`` upgrades to at least 17. ``verify`` is "off",
     "end" or "each"; verification inputs come from ``inputs`` (.npz path or dict) or are
     generated from the input specs with ``input_shapes`` for dynamic dimensions.
+    ``calibration`` (for passes that need it) is a :class:`~onnxopt.calibration.CalibrationData`,
+    a path (.npz, or a folder of .npy/.npz files or images with ``calibration_preprocess``), a
+    mapping of arrays, or ``"random"`` (testing only: the report warns).
     """
     if isinstance(model, ModelProto):
         working = ModelProto()
         working.CopyFrom(model)
     else:
         working = load(model)
-    manager = PassManager.from_spec(passes, target=target, verify=verify, isolate=isolate, opset=opset)  # type: ignore[arg-type]
     warnings = validate_model(working) if validate else []
+    data = None
+    if calibration is not None:
+        from onnxopt.calibration import CalibrationData
+
+        data = CalibrationData.resolve(
+            calibration, working, preprocess=calibration_preprocess, limit=calibration_limit, input_shapes=input_shapes
+        )
+    manager = PassManager.from_spec(passes, target=target, verify=verify, isolate=isolate, opset=opset, calibration=data)  # type: ignore[arg-type]
     if verify != "off":
         from onnxopt.verify import Verifier
 
         manager.verifier = Verifier.from_model(working, inputs=inputs, input_shapes=input_shapes, precision=precision)
     result = manager.run(working)
-    result.report.warnings[:0] = warnings
+    result.report.warnings[:0] = warnings + (data.notes if data is not None else [])
     return result

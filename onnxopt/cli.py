@@ -157,6 +157,18 @@ def _list_passes_callback(ctx: click.Context, _param, value: bool) -> None:
     "--input-shape", "input_shapes", multiple=True, metavar="NAME:DxD...", help="Shape for a dynamic input (verification), repeatable."
 )
 @click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), help="An .npz with inputs for verification.")
+@click.option(
+    "--calib",
+    "calib",
+    metavar="PATH|random",
+    help="Calibration data for passes that need it: an .npz, a folder of .npy/.npz files or images, or 'random' (testing only).",
+)
+@click.option(
+    "--calib-preprocess",
+    metavar="SPEC",
+    help="Image preprocessing, e.g. resize=224,mean=0.485,0.456,0.406,std=0.229,0.224,0.225,scale=1/255,layout=NCHW,color=RGB.",
+)
+@click.option("--calib-limit", type=click.IntRange(1), default=None, help="Use at most this many calibration samples.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the run report as JSON.")
 @click.option("--external-data/--no-external-data", default=None, help="Store weights in OUT.onnx.data (default: only when over 2 GB).")
 @click.option(
@@ -184,6 +196,9 @@ class OptimizeRequest:
     verify: bool
     input_shapes: tuple[str, ...]
     inputs_path: str | None
+    calib: str | None
+    calib_preprocess: str | None
+    calib_limit: int | None
     report_path: str | None
     external_data: bool | None
     verbose: int
@@ -212,8 +227,9 @@ def _optimize(req: OptimizeRequest) -> None:
     steps = build_pipeline(req.passes)  # reject bad pass strings before loading anything
     shapes = parse_shape_overrides(req.input_shapes)
     model = _load_checked(req.input_path)
+    calibration = _calibration(req, model, shapes)
     mode = "each" if req.debug else ("end" if req.verify else "off")
-    manager = PassManager(steps, target=req.target, verify=mode, progress=_progress(req.quiet), opset=req.opset)
+    manager = PassManager(steps, target=req.target, verify=mode, progress=_progress(req.quiet), opset=req.opset, calibration=calibration)
     if mode != "off":
         manager.verifier = Verifier.from_model(model, inputs=req.inputs_path, input_shapes=shapes)
     result = manager.run(model)
@@ -229,6 +245,34 @@ def _optimize(req: OptimizeRequest) -> None:
             click.echo(_verification_line(report.verification), err=True)
         for warning in report.warnings:
             log.warning("%s", warning)
+
+
+def _calibration(req: OptimizeRequest, model, shapes):  # noqa: ANN001, ANN202
+    """The run's calibration data (None without --calib), its notes logged as warnings, a bar while statistics run."""
+    if req.calib is None:
+        if req.calib_preprocess or req.calib_limit:
+            raise OnnxoptError("--calib-preprocess and --calib-limit need --calib")
+        return None
+    from onnxopt.calibration import CalibrationData
+
+    data = CalibrationData.resolve(req.calib, model, preprocess=req.calib_preprocess, limit=req.calib_limit, input_shapes=shapes)
+    for note in data.notes:
+        log.warning("%s", note)
+    if not req.quiet and sys.stderr.isatty():
+        from rich.progress import Progress
+
+        bar = Progress(console=_console(), transient=True)
+        task = bar.add_task("calibration statistics", total=None)
+
+        def update(done: int, total: int) -> None:
+            if not bar.live.is_started:
+                bar.start()
+            bar.update(task, completed=done, total=total)
+            if done >= total:
+                bar.stop()
+
+        data.progress = update
+    return data
 
 
 def _verification_line(data: dict) -> str:

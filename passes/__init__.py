@@ -20,4 +20,5 @@ from onnxopt.passes import (  # noqa: F401
     shape_inference,
     shape_values,
     topological_sort,
+    woq,
 )

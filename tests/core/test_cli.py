@@ -130,3 +130,35 @@ def test_external_data_option(model_path, tmp_path):
     assert _run(model_path, out, "-q", "--passes", "eliminate_dead_code", "--external-data").exit_code == 0
     # the tiny weights stay inline (below the threshold) but the flag is accepted and the model loads
     assert onnx.load(str(out)) is not None
+
+
+def test_calib_random_warns_and_runs(model_path, tmp_path):
+    out = tmp_path / "out.onnx"
+    result = _run(model_path, out, "--calib", "random", "--calib-limit", "4", "-q")
+    assert result.exit_code == 0, result.output
+    assert out.exists()
+
+
+def test_calib_npz_is_checked_against_the_inputs(model_path, tmp_path):
+    bad = tmp_path / "calib.npz"
+    np.savez(bad, wrong_name=np.zeros((2, 3), np.float32))
+    result = _run(model_path, tmp_path / "out.onnx", "--calib", bad)
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_calib_options_need_calib(model_path, tmp_path):
+    result = _run(model_path, tmp_path / "out.onnx", "--calib-limit", "3")
+    assert result.exit_code != 0
+    assert "need --calib" in result.output
+
+
+def test_python_api_takes_calibration(model_path):
+    import onnxopt
+
+    result = onnxopt.optimize(str(model_path), "cleanup", calibration="random", calibration_limit=2)
+    assert any("random data" in w for w in result.report.warnings)
+    good = onnxopt.optimize(str(model_path), "cleanup", calibration={"x": np.ones((4, 3), np.float32)})
+    assert not any("random data" in w for w in good.report.warnings)
