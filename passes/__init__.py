@@ -5,6 +5,7 @@ from onnxopt.passes import (  # noqa: F401
     cse,
     dead_code,
     fold_constants,
+    fp16,
     fuse_activation,
     fuse_attention,
     fuse_contrib,
