@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import GraphProto, NodeProto, TensorProto, TypeProto, helper
 
-from onnxopt.graph import GraphScope, GraphView, is_standard
+from onnxopt.graph import GraphScope, GraphView
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, option
-from onnxopt.passes.fusion_support import Fusion, apply_fusions, check_private, debug, elem, producer, select, sole_reader
+from onnxopt.passes.fusion_support import Fusion, apply_fusions, check_private, collect, elem, producer, select, sole_reader
 from onnxopt.passes.noop_rules import NoMatch, constant_array, constant_tensor, default_opset, dims_of, get_attr, require
 from onnxopt.registry import register_pass
 
@@ -231,19 +231,6 @@ def rank_of(ctx: PassContext, name: str) -> int | None:
 # ----------------------------------------------------------------------------- passes
 
 
-def _collect(view: GraphView, op_type: str, matcher, pass_name: str) -> list[Fusion]:  # noqa: ANN001
-    """Every match of ``matcher`` anchored at a standard node of ``op_type``."""
-    found: list[Fusion] = []
-    for node in view.nodes:
-        if node.op_type != op_type or not is_standard(node):
-            continue
-        try:
-            found.append(matcher(node, view))
-        except NoMatch as exc:
-            debug(pass_name, node, exc)
-    return found
-
-
 @register_pass
 class FuseMatMulAdd(Pass):
     """Fuse a 2-D MatMul with a constant weight followed by a bias Add into one Gemm.
@@ -273,7 +260,7 @@ class FuseMatMulAdd(Pass):
         """Match every Add, then rewrite."""
         result = PassResult()
         view = ctx.view(scope.graph)
-        matches = _collect(view, "Add", lambda node, v: match_matmul_add(node, v, ctx), self.name)
+        matches = collect(view, "Add", lambda node: match_matmul_add(node, view, ctx), self.name)
         apply_fusions(scope.graph, view, select(matches, set(), ctx, self.name, result), ctx, result)
         return result
 
@@ -301,7 +288,7 @@ class FuseTransposeIntoGemm(Pass):
         """Match every Gemm, then rewrite."""
         result = PassResult()
         view = ctx.view(scope.graph)
-        matches = _collect(view, "Gemm", lambda node, v: match_transpose_gemm(node, v, ctx), self.name)
+        matches = collect(view, "Gemm", lambda node: match_transpose_gemm(node, view, ctx), self.name)
         apply_fusions(scope.graph, view, select(matches, set(), ctx, self.name, result), ctx, result)
         return result
 
@@ -340,7 +327,7 @@ class DivToMul(Pass):
             return result
         view = ctx.view(scope.graph)
         exact = bool(self.options.exact_only)  # type: ignore[attr-defined]
-        matches = _collect(view, "Div", lambda node, v: match_div_const(node, v, ctx, exact), self.name)
+        matches = collect(view, "Div", lambda node: match_div_const(node, view, ctx, exact), self.name)
         apply_fusions(scope.graph, view, select(matches, set(), ctx, self.name, result), ctx, result)
         return result
 
@@ -375,6 +362,6 @@ class FoldMatMulAffine(Pass):
         if ctx.model.ir_version < 4:
             return result
         view = ctx.view(scope.graph)
-        matches = _collect(view, "MatMul", lambda node, v: match_matmul_affine(node, v, ctx), self.name)
+        matches = collect(view, "MatMul", lambda node: match_matmul_affine(node, view, ctx), self.name)
         apply_fusions(scope.graph, view, select(matches, set(), ctx, self.name, result), ctx, result)
         return result

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import NodeProto, helper
 
-from onnxopt.graph import GraphScope, GraphView, is_standard
+from onnxopt.graph import GraphScope, GraphView
 from onnxopt.passbase import Pass, PassContext, PassResult, Requirement
 from onnxopt.passes.fusion_support import (
     FLOAT_TYPES,
@@ -13,14 +13,14 @@ from onnxopt.passes.fusion_support import (
     apply_fusions,
     check_private,
     close,
+    collect,
     const_name,
-    debug,
     elem,
     scalar,
     select,
     sole_reader,
 )
-from onnxopt.passes.noop_rules import NoMatch, default_opset, dims_of, get_attr, require
+from onnxopt.passes.noop_rules import default_opset, dims_of, get_attr, require
 from onnxopt.registry import register_pass
 
 SUM_AXES_INPUT_FROM = 13  # ReduceSum takes its axes as an input from opset 13 ...
@@ -110,13 +110,6 @@ class FuseReduceMean(Pass):
         """Match every ReduceSum, then rewrite."""
         result = PassResult()
         view = ctx.view(scope.graph)
-        matches: list[Fusion] = []
-        for node in view.nodes:
-            if node.op_type != "ReduceSum" or not is_standard(node):
-                continue
-            try:
-                matches.append(match_reduce_mean(node, view, ctx))
-            except NoMatch as exc:
-                debug(self.name, node, exc)
+        matches = collect(view, "ReduceSum", lambda node: match_reduce_mean(node, view, ctx), self.name)
         apply_fusions(scope.graph, view, select(matches, set(), ctx, self.name, result), ctx, result)
         return result

@@ -7,7 +7,19 @@ from onnx import NodeProto, helper
 
 from onnxopt.graph import GraphScope, GraphView, is_standard
 from onnxopt.passbase import Pass, PassContext, PassResult, Requirement
-from onnxopt.passes.fusion_support import FLOAT_TYPES, Fusion, apply_fusions, check_private, const_name, debug, elem, producer, rank, select
+from onnxopt.passes.fusion_support import (
+    FLOAT_TYPES,
+    Fusion,
+    apply_fusions,
+    check_private,
+    collect,
+    const_name,
+    debug,
+    elem,
+    producer,
+    rank,
+    select,
+)
 from onnxopt.passes.noop_rules import NoMatch, default_opset, get_attr, require
 from onnxopt.registry import register_pass
 
@@ -164,13 +176,6 @@ class FuseSoftmax(Pass):
         """Match every Div, then rewrite."""
         result = PassResult()
         view = ctx.view(scope.graph)
-        matches: list[Fusion] = []
-        for node in view.nodes:
-            if node.op_type != "Div" or not is_standard(node):
-                continue
-            try:
-                matches.append(match_softmax(node, view, ctx))
-            except NoMatch as exc:
-                debug(self.name, node, exc)
+        matches = collect(view, "Div", lambda node: match_softmax(node, view, ctx), self.name)
         apply_fusions(scope.graph, view, select(matches, set(), ctx, self.name, result), ctx, result)
         return result

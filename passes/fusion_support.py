@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,6 +203,19 @@ def apply_fusions(graph: GraphProto, view: GraphView, fusions: list[Fusion], ctx
         import_domain(ctx.model, fusion.domain)
     replace_nodes(graph, view.nodes, replaced)
     drop_value_info(graph, stale)
+
+
+def collect(view: GraphView, op_type: str, matcher: Callable[[NodeProto], Fusion], pass_name: str) -> list[Fusion]:
+    """Every match of ``matcher`` anchored at a standard node of ``op_type`` (misses logged with their reason)."""
+    found: list[Fusion] = []
+    for node in view.nodes:
+        if node.op_type != op_type or not is_standard(node):
+            continue
+        try:
+            found.append(matcher(node))
+        except NoMatch as exc:
+            debug(pass_name, node, exc)
+    return found
 
 
 def select(fusions: list[Fusion], claimed: set[int], ctx: PassContext, pass_name: str, result: PassResult) -> list[Fusion]:
