@@ -261,7 +261,7 @@ def _float_metrics(result: OutputComparison, r: np.ndarray, o: np.ndarray, tol: 
     norm = float(np.linalg.norm(r64) * np.linalg.norm(o64))
     cosine = float(np.real(np.vdot(r64, o64)) / norm) if norm > 0 else (1.0 if diff.size == 0 or diff.max() == 0 else 0.0)
     result.cosine = min(result.cosine, cosine)
-    if r.ndim >= 2 and r.shape[-1] > 1 and r.dtype.kind == "f":
+    if r.ndim in (2, 3) and r.shape[-1] > 1 and r.dtype.kind == "f":  # class scores, per-step scores; not feature maps
         top1 = float(np.mean(np.argmax(r, axis=-1) == np.argmax(o, axis=-1)))
         result.top1 = top1 if result.top1 is None else min(result.top1, top1)
     if tol.rtol is not None and tol.atol is not None and diff.size:

@@ -80,3 +80,15 @@ def test_bool_and_int_inputs():
         [tensor_input("y", [3], TensorProto.INT64)],
     )
     assert verify_models(model, model).passed
+
+
+def test_top1_is_judged_on_class_scores_not_on_feature_maps():
+    rng = np.random.default_rng(0)
+    feature_map = np.full((1, 4, 8, 8), 0.5, np.float32) + rng.normal(0, 1e-4, (1, 4, 8, 8)).astype(np.float32)
+    jittered = feature_map + rng.normal(0, 1e-4, feature_map.shape).astype(np.float32)  # argmax along width flips
+    result = compare_outputs({"y": feature_map}, {"y": jittered}, "fp16")
+    assert result.passed and result.outputs[0].top1 is None
+    scores = rng.standard_normal((16, 10)).astype(np.float32)
+    swapped = scores.copy()
+    swapped[:, [0, 1]] = scores[:, [1, 0]]
+    assert compare_outputs({"y": scores}, {"y": swapped}, "fp16").outputs[0].top1 < 0.95
