@@ -39,6 +39,7 @@ __all__ = [
     "Requirement",
     "VerificationError",
     "all_passes",
+    "build_engine",
     "get_pass",
     "load",
     "optimize",
@@ -47,6 +48,13 @@ __all__ = [
     "save",
     "validate_model",
 ]
+
+
+def build_engine(model: ModelProto | str | os.PathLike[str], **options: Any) -> Any:
+    """Compile a model into a TensorRT engine: the plan bytes and a build report (see :func:`onnxopt.engine.build_engine`)."""
+    from onnxopt.engine import build_engine as build
+
+    return build(model, **options)
 
 
 def optimize(

@@ -99,7 +99,7 @@ def main() -> None:
     """Optimize ONNX models: onnxopt IN.onnx OUT.onnx [--passes ...].
 
     Subcommands: passes (list passes and options), verify (compare two models),
-    inspect (statistics of a model). Run 'onnxopt optimize --help' for all options.
+    inspect (statistics of a model), build (TensorRT engine from a model). Run 'onnxopt optimize --help' for all options.
     """
 
 
@@ -172,6 +172,12 @@ def _list_passes_callback(ctx: click.Context, _param, value: bool) -> None:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the run report as JSON.")
 @click.option("--external-data/--no-external-data", default=None, help="Store weights in OUT.onnx.data (default: only when over 2 GB).")
 @click.option(
+    "--engine",
+    "engine_path",
+    type=click.Path(dir_okay=False),
+    help="Also build a TensorRT engine from OUT.onnx into this file (back end auto; --input-shape fixes dynamic dims).",
+)
+@click.option(
     "--list-passes", is_flag=True, expose_value=False, is_eager=True, callback=_list_passes_callback, help="List passes and exit."
 )
 @click.option("-v", "--verbose", count=True, help="More output (-vv for debug logs).")
@@ -201,6 +207,7 @@ class OptimizeRequest:
     calib_limit: int | None
     report_path: str | None
     external_data: bool | None
+    engine_path: str | None
     verbose: int
     quiet: bool
     debug: bool
@@ -245,6 +252,25 @@ def _optimize(req: OptimizeRequest) -> None:
             click.echo(_verification_line(report.verification), err=True)
         for warning in report.warnings:
             log.warning("%s", warning)
+    if req.engine_path:
+        _build_after_optimize(req, result.model, shapes)
+
+
+def _build_after_optimize(req: OptimizeRequest, model, shapes: dict) -> None:  # noqa: ANN001
+    """``--engine``: build OUT.onnx's engine with the default options; --input-shape values become fixed profiles."""
+    from onnxopt.engine import build_engine
+    from onnxopt.engine.report import render as render_build
+
+    result = build_engine(model, shapes=shapes, shapes_hint="--input-shape (fixed shapes; use onnxopt build --shapes for ranges)")
+    result.report.model = req.output_path
+    result.save(req.engine_path)
+    if req.report_path:
+        data = json.loads(Path(req.report_path).read_text())
+        data["engine"] = result.report.to_dict()
+        _write_text(req.report_path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    if not req.quiet:
+        render_build(result.report, _console())
+        click.echo(f"engine written to {req.engine_path}", err=True)
 
 
 def _calibration(req: OptimizeRequest, model, shapes):  # noqa: ANN001, ANN202
@@ -304,6 +330,87 @@ def _progress(quiet: bool):
             status.stop()
 
     return update
+
+
+@main.command("build")
+@click.argument("model_path", metavar="MODEL.onnx", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False), help="Engine file to write (required unless --check).")
+@click.option(
+    "--backend", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx"]), default="auto", show_default=True, help="TensorRT back end."
+)
+@click.option(
+    "--shapes",
+    "shapes",
+    multiple=True,
+    metavar="NAME:MIN/OPT/MAX",
+    help="Optimization profile of a dynamic input, each shape DxDxD (one shape: fixed); repeatable.",
+)
+@click.option("--workspace", metavar="SIZE", help="Workspace memory limit, e.g. 512M or 2G.")
+@click.option("--opt-level", type=click.IntRange(0, 5), default=None, help="Builder optimization level (0-5).")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache file: loaded, merged and saved (full TensorRT).")
+@click.option(
+    "--sparsity",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="2:4 sparse weights (auto: on when Conv/MatMul/Gemm weights are 2:4 sparse).",
+)
+@click.option(
+    "--hardware-compat",
+    type=click.Choice(["none", "ampere+", "same-cc"]),
+    default="none",
+    show_default=True,
+    help="Hardware compatibility level (full TensorRT).",
+)
+@click.option("--version-compatible", is_flag=True, help="Version-compatible engine (full TensorRT).")
+@click.option("--check", is_flag=True, help="Pre-flight only: parse and list what the parser rejects; build nothing.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the build report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def build_command(model_path, output_path, backend, shapes, workspace, opt_level, timing_cache, sparsity, hardware_compat, **rest) -> None:
+    """Build a strongly typed TensorRT / TensorRT-RTX engine from MODEL.onnx (precision comes from the graph)."""
+    _setup_logging(0, rest["quiet"])
+
+    def work() -> None:
+        from onnxopt.engine import build_engine, preflight
+        from onnxopt.engine.report import render as render_build
+
+        if rest["check"]:
+            report = preflight(_load_checked(model_path), backend=backend)
+            for finding in report.findings:
+                click.echo(f"{finding.level}: {finding.line()}", err=True)
+            if rest["report_path"]:
+                _write_text(rest["report_path"], json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
+            if not report.ok:
+                from onnxopt.engine import PreflightError
+
+                raise PreflightError(report)
+            click.echo(f"{model_path}: the ONNX parser of {report.backend} accepts the model", err=True)
+            return
+        if not output_path:
+            raise OnnxoptError("give the engine file with -o MODEL.engine (or --check to only parse)")
+        if _same_file(model_path, output_path) or os.path.abspath(model_path) == os.path.abspath(output_path):
+            raise OnnxoptError("the engine file is the input model; choose another path")
+        result = build_engine(
+            _load_checked(model_path),
+            backend=backend,
+            workspace=workspace,
+            opt_level=opt_level,
+            shapes=list(shapes),
+            timing_cache=timing_cache,
+            sparsity=sparsity,
+            hardware_compat=hardware_compat,
+            version_compatible=rest["version_compatible"],
+        )
+        result.report.model = model_path
+        result.save(output_path)
+        if rest["report_path"]:
+            _write_text(rest["report_path"], result.report.to_json())
+        if not rest["quiet"]:
+            render_build(result.report, _console())
+            click.echo(f"engine written to {output_path}", err=True)
+
+    run_cli(work, rest["debug"])
 
 
 @main.command("verify")
