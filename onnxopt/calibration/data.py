@@ -22,6 +22,7 @@ from onnxopt.errors import OnnxoptError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 ARRAY_SUFFIXES = (".npy", ".npz")
 RANDOM_WARNING = "calibration on random data: the result is for testing only"
+ANONYMOUS_DIMS = frozenset({"?", ""})  # dim_params that exporters write for "unknown", not a shared name
 
 # Casts applied to calibration arrays without complaint (each one adds a note): numpy's float64
 # default for float32/float16 models, and int32 ids for int64 inputs. Anything else is an error.
@@ -604,7 +605,7 @@ class CalibrationData:
                     f"{source.label}: input '{spec.name}' has shape {got}, the model expects {expected} (first axis = samples): "
                     f"dim {axis} is {have}, not {want}"
                 )
-            if isinstance(want, str):
+            if isinstance(want, str) and want not in ANONYMOUS_DIMS:  # '?' (paddle2onnx) names no dimension
                 seen = symbols.setdefault(want, (spec.name, have))
                 if seen[1] != have:
                     raise CalibrationError(

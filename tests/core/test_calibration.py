@@ -437,3 +437,15 @@ def test_range_edge_cases(gaussian_with_outliers):
         compute_range(gaussian_with_outliers, "percentile", symmetric=True, percentile=0)
     with pytest.raises(CalibrationError, match="float tensors only"):
         calib.stats_from_array("i", np.arange(4))
+
+
+def test_anonymous_dim_names_are_not_tied():
+    """paddle2onnx writes '?' for every unknown dim (PP-OCR cls: [?, 3, ?, ?]); they are not one dimension."""
+    from onnx import helper
+
+    x = helper.make_tensor_value_info("x", 1, ["?", 3, "?", "?"])
+    y = helper.make_tensor_value_info("y", 1, ["?", 3, "?", "?"])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]))
+    data = CalibrationData.from_arrays({"x": np.zeros((2, 3, 48, 192), np.float32)}, model=model)
+    assert data.num_samples == 2
+    assert next(iter(data.batches(2)))["x"].shape == (2, 3, 48, 192)

@@ -16,11 +16,6 @@ VARIANTS = {
     "int8": ("default,qdq", {"target": "trt", "calibration": "random"}),
 }
 # (model, variant) pairs known to fail upstream of the build, with the reason.
-KNOWN = {
-    ("ppocr_cls", "int8"): "the qdq pass's random calibration ties the two dims named '?' (48 vs 192)",
-}
-
-
 @pytest.fixture(scope="module", params=sorted(real.REAL_MODELS))
 def real_model(request):
     name = request.param
@@ -36,8 +31,6 @@ def test_real_model_builds(rtx, real_model, variant):
     passes, kwargs = VARIANTS[variant]
     if variant == "int8" and "qdq" not in onnxopt.all_passes():
         pytest.skip("the qdq pass is not registered in this tree")
-    if (name, variant) in KNOWN:
-        pytest.xfail(KNOWN[name, variant])
     shapes = real.REAL_MODELS[name].input_shapes
     model = onnxopt.optimize(str(path), passes, input_shapes=shapes, **kwargs).model
     report = build_engine(model, backend=rtx, shapes=dict(shapes)).report

@@ -1,0 +1,490 @@
+"""INT8 Q/DQ insertion with calibration: the ``qdq`` pass.
+
+Statistics of the tensors the placement (:mod:`onnxopt.passes.qdq_placement`) chose are
+collected over the run's calibration data in onnxruntime (bounded memory), turned into clipping
+ranges by the chosen method, and written into the graph as QuantizeLinear/DequantizeLinear
+pairs; weights become int8 initializers read through a DequantizeLinear (so the file shrinks
+to about a quarter).
+
+* ``trt`` / ``portable`` / ``ort-gpu``: symmetric int8 (zero point 0) everywhere; weights per-channel
+  (Conv axis 0, ConvTranspose axis 1, MatMul/Gemm on the output-channel axis, honouring
+  ``transB``); biases in float.
+* ``ort-cpu``: uint8 asymmetric activations, int8 symmetric per-channel weights, and Conv/Gemm
+  biases as int32 with scale = input scale x weight scale, the form onnxruntime's CPU QDQ
+  transformer turns into QLinearConv / QGemm / QLinearMatMul; int8 is carried through Add/Mul/Concat/
+  pools/Resize (QLinearAdd, QLinearMul, ...), a Relu/Clip after a quantized op is absorbed into the
+  next Q (zero point 0), a Mul by a positive scalar constant is folded into the DequantizeLinear scale
+  (exact), and the layers feeding graph outputs keep float activations with an int8 weight.
+
+Per-channel DequantizeLinear needs ai.onnx opset 13: an older model is upgraded with onnx's
+version converter (checked on a calibration batch), or, when that fails, weights fall back to
+per-tensor scales; a note says which.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
+
+from onnxopt.calibration import RANGE_METHODS, CalibrationData, TensorStats, collect_stats, compute_range
+from onnxopt.errors import OnnxoptError, OptionError
+from onnxopt.graph import GraphView, opset_version
+from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, option
+from onnxopt.passes.fusion_support import const_name
+from onnxopt.passes.qdq_placement import Plan, Planner, float_map
+from onnxopt.registry import register_pass
+
+log = logging.getLogger("onnxopt")
+
+PASS_NAME = "qdq"
+PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis (per-channel scales)
+QDQ_OPSET = 10  # QuantizeLinear/DequantizeLinear exist from opset 10
+METHODS = ("auto", *RANGE_METHODS)
+AUTO_METHOD = {"trt": "mse", "portable": "mse", "ort-gpu": "mse", "ort-cpu": "percentile"}
+INT8_MAX = 127
+
+
+@dataclass
+class QdqOptions(PassOptions):
+    """Options of :class:`QuantizeQDQ`."""
+
+    method: str = option("auto", "auto (mse for trt/portable, percentile for ort-cpu), minmax, percentile, entropy or mse")
+    percentile: float = option(99.99, "percentile method: the share of values (in %) kept inside the range")
+    per_channel: bool = option(True, "per-channel weight scales (per-tensor when false)")
+    exclude: tuple[str, ...] = option((), "nodes kept in float: node names, op types or regexes matching a whole node name, '|'-separated")
+    keep_outputs: bool = option(True, "keep the layers that feed graph outputs in float")
+    batch_size: int = option(8, "calibration batch size")
+    calib_batches: int = option(0, "use at most this many calibration batches (0: all)")
+    concat_ratio: float = option(100.0, "a Concat whose inputs' ranges differ by more than this ratio stays float on its output path")
+
+    def validate(self) -> None:
+        """Check the method, percentile, batch sizes and exclusion patterns."""
+        import re
+
+        where = f"pass '{PASS_NAME}'"
+        if self.method not in METHODS:
+            raise OptionError(f"option 'method' of {where} must be one of {', '.join(METHODS)}, not '{self.method}'")
+        if not 50 < self.percentile <= 100:
+            raise OptionError(f"option 'percentile' of {where} must be in (50, 100], not {self.percentile}")
+        if self.batch_size <= 0:
+            raise OptionError(f"option 'batch_size' of {where} must be positive, not {self.batch_size}")
+        if self.calib_batches < 0:
+            raise OptionError(f"option 'calib_batches' of {where} must not be negative, not {self.calib_batches}")
+        if not self.concat_ratio > 1:
+            raise OptionError(f"option 'concat_ratio' of {where} must be greater than 1, not {self.concat_ratio}")
+        for pattern in self.exclude:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise OptionError(f"option 'exclude' of {where}: bad regex '{pattern}' ({exc})") from None
+
+
+class _Limited:
+    """The first ``limit`` batches of a :class:`CalibrationData` (what ``calib_batches`` means)."""
+
+    def __init__(self, data: CalibrationData, limit: int) -> None:
+        self.data, self.limit = data, limit
+        self.progress = data.progress
+
+    def validate(self, model: ModelProto) -> None:
+        self.data.validate(model)
+
+    def num_batches(self, batch_size: int) -> int:
+        return min(self.limit, self.data.num_batches(batch_size))
+
+    def batches(self, batch_size: int = 8) -> Iterator[dict[str, np.ndarray]]:
+        for index, feeds in enumerate(self.data.batches(batch_size)):
+            if index >= self.limit:
+                return
+            yield feeds
+
+
+@dataclass
+class QParams:
+    """Scale and zero point of one quantized tensor (per-tensor) or weight (per-channel: 1-D arrays)."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int | None = None
+
+
+def activation_params(lo: float, hi: float, *, symmetric: bool) -> QParams:
+    """Per-tensor parameters for a clipping range: int8 zero point 0 (symmetric) or uint8 asymmetric."""
+    if symmetric:
+        t = max(abs(lo), abs(hi))
+        scale = t / INT8_MAX if t > 0 else 1.0
+        return QParams(np.array(scale, np.float32), np.array(0, np.int8))
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if hi - lo <= 0:
+        return QParams(np.array(1.0, np.float32), np.array(0, np.uint8))
+    scale = np.float32((hi - lo) / 255)
+    zero = int(np.clip(round(-lo / float(scale)), 0, 255))
+    return QParams(np.array(scale, np.float32), np.array(zero, np.uint8))
+
+
+def weight_params(weight: np.ndarray, axis: int | None) -> QParams:
+    """Symmetric int8 parameters of a weight, per channel along ``axis`` or per tensor (None)."""
+    w = np.abs(weight.astype(np.float32))
+    if axis is None:
+        absmax = np.array(w.max() if w.size else 0.0, np.float32)
+    else:
+        absmax = w.max(axis=tuple(i for i in range(w.ndim) if i != axis)) if w.size else np.zeros(weight.shape[axis], np.float32)
+    scale = np.where(absmax > 0, absmax / INT8_MAX, 1.0).astype(np.float32)
+    return QParams(scale, np.zeros(scale.shape, np.int8), axis)
+
+
+def quantize_weight(weight: np.ndarray, params: QParams) -> np.ndarray:
+    """int8 values of ``weight`` under ``params`` (round half to even, saturated to [-127, 127])."""
+    scale = params.scale
+    if params.axis is not None:
+        shape = [1] * weight.ndim
+        shape[params.axis] = -1
+        scale = scale.reshape(shape)
+    return np.clip(np.rint(weight.astype(np.float32) / scale), -INT8_MAX, INT8_MAX).astype(np.int8)
+
+
+def weight_axis(node: NodeProto, weight: np.ndarray) -> int | None:
+    """The output-channel axis of an anchor's weight (None when per-channel does not apply)."""
+    if weight.ndim < 1:
+        return None
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        return 1 if group == 1 and weight.ndim >= 2 else None
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    if node.op_type == "MatMul":
+        return weight.ndim - 1 if weight.ndim >= 2 else None
+    return None
+
+
+@register_pass
+class QuantizeQDQ(Pass):
+    """Insert INT8 Q/DQ pairs from calibration statistics (TensorRT or onnxruntime-CPU placement).
+
+    Run after the default preset (BatchNorm folded). Pre: calibration data for the model, float32
+    activations; subgraphs (If/Loop/Scan bodies) are left in float. Post: quantizable layers read
+    their activations through QuantizeLinear -> DequantizeLinear and their weights as int8 through
+    DequantizeLinear; layers that feed graph outputs, excluded nodes, and the output path of a
+    Concat joining very different ranges stay float. A model that already holds Q/DQ is left alone.
+    """
+
+    name = PASS_NAME
+    Options = QdqOptions
+    requires = frozenset({Requirement.CALIBRATION, Requirement.SHAPES})
+    preserves_types = False
+    recurse = False
+
+    def run(self, model: ModelProto, ctx: PassContext) -> PassResult:
+        """Plan, calibrate, then rewrite the main graph."""
+        options: QdqOptions = self.options  # type: ignore[assignment]
+        result = PassResult()
+        graph = model.graph
+        if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul") for n in graph.node):
+            result.notes.append("qdq: the model is already quantized; left alone")
+            return result
+        if ctx.calibration is None:
+            raise OnnxoptError("qdq: needs calibration data (give --calib PATH, or --calib random for testing)")
+        target = ctx.target
+        symmetric = target != "ort-cpu"
+        method = options.method if options.method != "auto" else AUTO_METHOD.get(target, "entropy")
+        per_channel = options.per_channel
+        version = opset_version(model) or 1
+        need = PER_CHANNEL_OPSET if (per_channel or not symmetric) else QDQ_OPSET
+        if version < need:
+            note = _upgrade(model, ctx, version)
+            if note is None:
+                result.notes.append(f"qdq: upgraded the model from opset {version} to {PER_CHANNEL_OPSET} (per-channel DequantizeLinear)")
+                result.count(f"opset_{version}_to_{PER_CHANNEL_OPSET}")
+                ctx.invalidate()
+            elif version >= QDQ_OPSET:
+                per_channel = False
+                result.notes.append(f"qdq: opset {version} kept ({note}); weights use per-tensor scales")
+            else:
+                raise OnnxoptError(f"qdq: opset {version} has no QuantizeLinear and the upgrade failed ({note})")
+        graph = model.graph  # the upgrade replaced the model's contents
+        if any(n.op_type in ("If", "Loop", "Scan") for n in graph.node):
+            result.notes.append("qdq: If/Loop/Scan bodies are left in float")
+        view = GraphView.build(graph)
+        planner = Planner(view, float_map(view, ctx.types), target=target, exclude=options.exclude, keep_outputs=options.keep_outputs)
+        plan = planner.plan()
+        if not plan.tensors and not plan.anchors and not plan.weight_only:
+            result.notes.append("qdq: no quantizable layer found")
+            return result
+        data: Any = ctx.calibration
+        if options.calib_batches:
+            data = _Limited(data, options.calib_batches)
+        wanted = list(dict.fromkeys(plan.tensors + [i for c in plan.concats for i in c.input if i in plan.readers or i in plan.tensors]))
+        stats = collect_stats(model, wanted, data, batch_size=options.batch_size)
+        forbidden = _concat_guard(plan, stats, options.concat_ratio, result)
+        if forbidden:
+            blocked: set[str] = set()
+            for name in forbidden:
+                blocked |= planner.downstream(name)
+            plan = planner.plan(blocked)
+            missing = [t for t in plan.tensors if t not in stats]
+            if missing:
+                stats.update(collect_stats(model, missing, data, batch_size=options.batch_size))
+        params = _tensor_params(plan, stats, method, options.percentile, symmetric, frozenset(view.graph_inputs))
+        rewrite = _Rewriter(model, view, ctx, plan, params, symmetric=symmetric, per_channel=per_channel)
+        rewrite.apply(result)
+        if getattr(ctx.calibration, "random", False):
+            result.notes.append("qdq: calibrated on random data: the scales are for testing only")
+        result.notes.append(f"qdq: {method} calibration, {'int8 symmetric' if symmetric else 'uint8 asymmetric'} activations")
+        return result
+
+
+def _upgrade(model: ModelProto, ctx: PassContext, version: int) -> str | None:
+    """Upgrade ``model`` in place to opset 13, checked on one calibration batch; a note on failure (model unchanged)."""
+    from onnx.version_converter import convert_version
+
+    from onnxopt.verify import compare_outputs, run_model
+
+    try:
+        converted = convert_version(model, PER_CHANNEL_OPSET)
+        onnx.checker.check_model(converted)
+    except Exception as exc:  # the converter raises many types
+        return "onnx's version converter failed: " + " ".join(str(exc).split())[:160]
+    try:
+        feeds = ctx.calibration.first_batch(1)
+        check = compare_outputs(run_model(model, feeds), run_model(converted, feeds), "fp32")
+    except Exception as exc:  # noqa: BLE001 - onnxruntime cannot run one of them
+        return "the converted model could not be checked: " + " ".join(str(exc).split())[:160]
+    if not check.passed:
+        return "the converted model computes different outputs"
+    model.CopyFrom(converted)
+    return None
+
+
+def _concat_guard(plan: Plan, stats: dict[str, TensorStats], ratio: float, result: PassResult) -> list[str]:
+    """Concat outputs whose inputs' absolute ranges differ by more than ``ratio`` (left float, with a note)."""
+    blocked = []
+    for node in plan.concats:
+        ranges = [stats[i].absmax for i in node.input if i in stats]
+        if len(ranges) < 2:
+            continue
+        low, high = min(ranges), max(ranges)
+        if high > ratio * max(low, 1e-12):
+            blocked.append(node.output[0])
+            result.notes.append(
+                f"qdq: Concat '{node.name or node.output[0]}' joins ranges {low:.3g} and {high:.3g} (ratio > {ratio:g}); "
+                "its output path stays float"
+            )
+            result.count("concats_kept_float")
+    return blocked
+
+
+def _tensor_params(
+    plan: Plan, stats: dict[str, TensorStats], method: str, percentile: float, symmetric: bool, inputs: frozenset[str] = frozenset()
+) -> dict[str, QParams]:
+    """Parameters of every planned tensor; members of one scale group share the union of their ranges.
+
+    Graph inputs take their observed range (minmax): preprocessed inputs are bounded, and the entropy
+    method clips inputs whose mass sits at the range's end (white page pixels) far too tightly.
+    """
+    ranges: dict[str, tuple[float, float]] = {}
+    for name in plan.tensors:
+        lo, hi = compute_range(stats[name], "minmax" if name in inputs else method, symmetric=symmetric, percentile=percentile)
+        group = plan.group_of(name)
+        old = ranges.get(group)
+        ranges[group] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+    return {name: activation_params(*ranges[plan.group_of(name)], symmetric=symmetric) for name in plan.tensors}
+
+
+class _Rewriter:
+    """Writes a plan into the graph: Q/DQ pairs after tensors, int8 weights, int32 biases (ort-cpu)."""
+
+    def __init__(
+        self,
+        model: ModelProto,
+        view: GraphView,
+        ctx: PassContext,
+        plan: Plan,
+        params: dict[str, QParams],
+        *,
+        symmetric: bool,
+        per_channel: bool,
+    ):
+        self.model, self.view, self.ctx, self.plan, self.params = model, view, ctx, plan, params
+        self.symmetric, self.per_channel = symmetric, per_channel
+        self.inits: list[TensorProto] = []
+        self.front: list[NodeProto] = []
+        self.replaced: set[str] = set()
+        self.by_dq: dict[str, QParams] = {}  # DQ output of an activation -> its parameters
+
+    def _init(self, base: str, array: np.ndarray) -> str:
+        name = self.ctx.names.fresh(base)
+        self.inits.append(numpy_helper.from_array(np.array(array, copy=True, order="C"), name))
+        return name
+
+    def _dq(self, source: str, params: QParams, base: str, nodes: list[NodeProto]) -> str:
+        scale = self._init(f"{base}_scale", params.scale)
+        inputs = [source, scale]
+        if params.zero_point.dtype != np.int32:  # int32 (bias): the zero point is 0 and optional; omitted to save space
+            inputs.append(self._init(f"{base}_zero_point", params.zero_point))
+        out = self.ctx.names.fresh(f"{base}_dq")
+        kwargs = {"axis": params.axis} if params.axis is not None else {}
+        nodes.append(helper.make_node("DequantizeLinear", inputs, [out], name=self.ctx.names.fresh(f"{base}_DequantizeLinear"), **kwargs))
+        return out
+
+    def apply(self, result: PassResult) -> None:
+        graph, view, plan = self.model.graph, self.view, self.plan
+        after: dict[str, list[NodeProto]] = {}
+        rename: dict[str, str] = {}
+        q_names: dict[str, str] = {}
+        for name in plan.tensors:
+            params = self.params[name]
+            scale = self._init(f"{name}_scale", params.scale)
+            zero = self._init(f"{name}_zero_point", params.zero_point)
+            q_out = self.ctx.names.fresh(f"{name}_q")
+            dq_out = self.ctx.names.fresh(f"{name}_dq")
+            pair = [
+                helper.make_node("QuantizeLinear", [name, scale, zero], [q_out], name=self.ctx.names.fresh(f"{name}_QuantizeLinear")),
+                helper.make_node("DequantizeLinear", [q_out, scale, zero], [dq_out], name=self.ctx.names.fresh(f"{name}_DequantizeLinear")),
+            ]
+            if not any(id(r) not in plan.removed for r in view.consumers.get(name, [])):
+                pair = pair[:1]  # read only through folded Muls: the Q alone
+            producer = view.producer.get(name)
+            if producer is None:
+                self.front.extend(pair)
+            else:
+                after.setdefault(name, []).extend(pair)
+            rename[name] = dq_out
+            q_names[name] = q_out
+            self.by_dq[dq_out] = params
+            result.count("qdq_pairs")
+        readers = {name: plan.readers.get(name, set()) for name in plan.tensors}
+        all_readers = not self.symmetric  # ort-cpu: every reader goes through the DQ (so the producer feeds only the Q)
+        weights: dict[tuple[str, int | None], tuple[str, QParams]] = {}
+        for node in view.nodes:
+            for index, name in enumerate(node.input):
+                if name in rename and (all_readers or id(node) in readers[name]):
+                    node.input[index] = rename[name]
+        folded: dict[int, NodeProto | None] = {}
+        for node in view.nodes:
+            if id(node) in plan.removed:
+                readers = [r for r in view.consumers.get(node.output[0], []) if id(r) not in plan.removed]
+                if not readers and node.output[0] not in view.graph_outputs:
+                    folded[id(node)] = None  # only read by another folded Mul
+                    continue
+                root, factor = plan.folded[node.output[0]]
+                params = self.params[root]
+                scaled = QParams(np.array(np.float32(params.scale) * np.float32(factor), np.float32), params.zero_point)
+                base = node.output[0]
+                scale = self._init(f"{base}_scale", scaled.scale)
+                zero = self._init(f"{base}_zero_point", scaled.zero_point)
+                name = self.ctx.names.fresh(f"{base}_DequantizeLinear")
+                folded[id(node)] = helper.make_node("DequantizeLinear", [q_names[root], scale, zero], [base], name=name)
+                self.by_dq[base] = scaled
+                result.count("muls_folded_into_scale")
+        for node in plan.anchors:
+            self._weight(node, weights, result)
+        for node in plan.weight_only:
+            self._weight(node, weights, result, bias=False)
+        if not self.symmetric:
+            self._constants(result)
+        nodes: list[NodeProto] = list(self.front)
+        for node in view.nodes:
+            if id(node) in folded:
+                if folded[id(node)] is not None:
+                    nodes.append(folded[id(node)])  # type: ignore[arg-type]
+            else:
+                nodes.append(node)
+            for out in node.output:
+                nodes.extend(after.get(out, ()))
+        del graph.node[:]
+        graph.node.extend(nodes)
+        graph.initializer.extend(self.inits)
+        self._drop_unused()
+
+    def _weight(self, node: NodeProto, cache: dict, result: PassResult, *, bias: bool = True) -> None:
+        name = node.input[1]
+        weight = const_name(self.view, name)
+        if weight is None or weight.dtype != np.float32:
+            return
+        axis = weight_axis(node, weight) if self.per_channel else None
+        key = (name, axis)
+        if key not in cache:
+            params = weight_params(weight, axis)
+            q_name = self._init(f"{name}_quantized", quantize_weight(weight, params))
+            cache[key] = (self._dq(q_name, params, name, self.front), params)
+            self.replaced.add(name)
+            result.count("weights_int8")
+        dq_out, params = cache[key]
+        node.input[1] = dq_out
+        if bias and not self.symmetric:
+            self._bias(node, params, result)
+
+    def _bias(self, node: NodeProto, wparams: QParams, result: PassResult) -> None:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or not node.input[2]:
+            return
+        if node.op_type == "Gemm":
+            attrs = {a.name: a for a in node.attribute}
+            if (
+                attrs.get("alpha", None) is not None
+                and attrs["alpha"].f != 1.0
+                or attrs.get("beta", None) is not None
+                and attrs["beta"].f != 1.0
+            ):
+                return
+        act = self.by_dq.get(node.input[0])
+        bias = const_name(self.view, node.input[2])
+        if act is None or bias is None or bias.dtype != np.float32 or bias.ndim != 1:
+            return
+        scale = (np.float32(act.scale) * wparams.scale).astype(np.float32)
+        if scale.ndim and scale.shape[0] != bias.shape[0]:
+            return
+        safe = np.where(scale > 0, scale, 1.0)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            ratio = np.nan_to_num(bias.astype(np.float64) / safe.astype(np.float64), posinf=2**31 - 1, neginf=-(2**31) + 1)
+        q = np.clip(np.rint(ratio), -(2**31) + 1, 2**31 - 1).astype(np.int32)
+        params = QParams(scale, np.zeros(scale.shape, np.int32), 0 if scale.ndim else None)
+        base = node.input[2]
+        q_name = self._init(f"{base}_quantized", q)
+        node.input[2] = self._dq(q_name, params, base, self.front)
+        self.replaced.add(base)
+        result.count("biases_int32")
+
+    def _constants(self, result: PassResult) -> None:
+        for name, readers in self.plan.constants.items():
+            value = const_name(self.view, name)
+            if value is None or value.dtype != np.float32:
+                continue
+            params = activation_params(
+                float(value.min()) if value.size else 0.0, float(value.max()) if value.size else 0.0, symmetric=False
+            )
+            q = np.clip(np.rint(value / params.scale) + params.zero_point.astype(np.int32), 0, 255).astype(np.uint8)
+            q_name = self._init(f"{name}_quantized", q)
+            dq_out = self._dq(q_name, params, name, self.front)
+            for reader in readers:
+                for index, inp in enumerate(reader.input):
+                    if inp == name:
+                        reader.input[index] = dq_out
+            self.replaced.add(name)
+            result.count("constants_uint8")
+
+    def _drop_unused(self) -> None:
+        graph = self.model.graph
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output} | {i.name for i in graph.input}
+        from onnxopt.graph import outer_references
+
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    used |= outer_references(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for sub in attr.graphs:
+                        used |= outer_references(sub)
+        dead = [t for t in graph.initializer if t.name in self.replaced and t.name not in used]
+        if dead:
+            keep = [t for t in graph.initializer if not (t.name in self.replaced and t.name not in used)]
+            del graph.initializer[:]
+            graph.initializer.extend(keep)

@@ -1,0 +1,343 @@
+"""Where the ``qdq`` pass puts Q/DQ pairs: a plan of quantized tensors, weights and scale groups.
+
+The plan is computed from the graph alone (no statistics), so it can be recomputed after a
+statistics-driven guard forbids some tensors. Two placements:
+
+* ``trt`` / ``portable``: Q/DQ on the activation inputs of Conv, ConvTranspose, Gemm and MatMul,
+  plus the skip input of residual Adds; Concat inputs share the scale of a quantized Concat
+  output; everything else (activations, LayerNorm, Softmax) stays in float.
+* ``ort-cpu``: every tensor around Conv/Gemm/MatMul is quantized, and int8 is propagated through
+  the ops onnxruntime's CPU QDQ transformer runs in uint8 (Add, Mul, Concat, pools, Sigmoid,
+  Resize, data movement), so that its QLinear* kernels replace whole chains; a Conv's single
+  Relu/Clip reader is absorbed (the Q after it has zero point 0, onnxruntime drops the Relu).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from onnx import NodeProto, TensorProto
+
+from onnxopt.graph import GraphView, is_standard
+
+ANCHORS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# ops that onnxruntime CPU runs in uint8 between DQ and Q (QLinear* kernels, or uint8 directly)
+ORT_INT8 = {"Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "MaxPool", "Sigmoid", "LeakyRelu", "Resize"}
+# ops whose output keeps its input's quantization (onnxruntime drops the Q/DQ around them)
+ORT_SAME_SCALE = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "MaxPool", "Resize", "Slice", "Gather"}
+ABSORBED = ("Relu", "Clip")
+# which inputs of an op are the data (activations) that are quantized
+DATA_INPUTS = {"Resize": (0,), "Reshape": (0,), "Squeeze": (0,), "Unsqueeze": (0,), "Slice": (0,), "Gather": (0,), "Clip": (0,)}
+
+
+@dataclass
+class Plan:
+    """The tensors to quantize, the anchors whose weights are quantized, and scale groups."""
+
+    tensors: list[str] = field(default_factory=list)  # activations that get one Q/DQ pair each, in graph order
+    anchors: list[NodeProto] = field(default_factory=list)  # nodes whose constant weight (input 1) is quantized
+    constants: dict[str, list[NodeProto]] = field(default_factory=dict)  # ort-cpu: constant inputs of int8 ops -> readers
+    groups: dict[str, str] = field(default_factory=dict)  # tensor -> representative of its scale group
+    readers: dict[str, set[int]] = field(default_factory=dict)  # tensor -> ids of nodes that read its DQ output
+    concats: list[NodeProto] = field(default_factory=list)  # Concats whose inputs were considered (range guard)
+    folded: dict[str, tuple[str, float]] = field(default_factory=dict)  # ort-cpu: Mul(x, c > 0) output -> (root tensor, factor)
+    weight_only: list[NodeProto] = field(default_factory=list)  # ort-cpu: output layers with int8 weights and float activations
+    removed: set[int] = field(default_factory=set)  # ids of the Mul nodes folded into a DequantizeLinear scale
+
+    def group_of(self, name: str) -> str:
+        """The representative of ``name``'s scale group."""
+        root = name
+        while self.groups.get(root, root) != root:
+            root = self.groups[root]
+        return root
+
+    def join(self, a: str, b: str) -> None:
+        """Put ``a`` and ``b`` in one scale group."""
+        ra, rb = self.group_of(a), self.group_of(b)
+        if ra != rb:
+            self.groups[max(ra, rb)] = min(ra, rb)
+
+
+def excluded(node: NodeProto, patterns: tuple[str, ...]) -> bool:
+    """Whether a node is excluded: its name or op type equals a pattern, or a pattern (regex) matches its whole name."""
+    for pattern in patterns:
+        if node.name == pattern or node.op_type == pattern:
+            return True
+        if node.name and re.fullmatch(pattern, node.name):
+            return True
+    return False
+
+
+class Planner:
+    """Computes a :class:`Plan` for one graph (see the module docstring)."""
+
+    def __init__(self, view: GraphView, is_float: dict[str, bool], *, target: str, exclude: tuple[str, ...], keep_outputs: bool) -> None:
+        self.view = view
+        self.is_float = is_float
+        self.ort = target == "ort-cpu"
+        self.exclude = exclude
+        self.keep_outputs = keep_outputs
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def activation(self, name: str) -> bool:
+        """A float32 tensor computed at run time (not a constant)."""
+        return (
+            bool(name)
+            and not self.view.is_constant(name)
+            and self.is_float.get(name, False)
+            and (name in self.view.producer or name in self.view.graph_inputs)
+        )
+
+    def weight_ok(self, node: NodeProto) -> bool:
+        """Whether an anchor can be quantized: standard, not excluded, weights float constants where required."""
+        if not is_standard(node) or excluded(node, self.exclude):
+            return False
+        if node.op_type in ("Conv", "ConvTranspose"):
+            return len(node.input) >= 2 and self.view.is_constant(node.input[1]) and self.activation(node.input[0])
+        if node.op_type == "Gemm":
+            return (
+                len(node.input) >= 2
+                and self.activation(node.input[0])
+                and (self.view.is_constant(node.input[1]) or self.activation(node.input[1]))
+            )
+        if node.op_type == "MatMul":
+            return (
+                len(node.input) == 2
+                and self.activation(node.input[0])
+                and (self.view.is_constant(node.input[1]) or self.activation(node.input[1]))
+            )
+        return False
+
+    def float_tail(self) -> set[str]:
+        """Tensors from which a graph output is reached without passing an anchor (kept float with ``keep_outputs``)."""
+        tail: set[str] = set()
+        if not self.keep_outputs:
+            return tail
+        stack = list(self.view.graph_outputs)
+        while stack:
+            name = stack.pop()
+            if name in tail:
+                continue
+            tail.add(name)
+            node = self.view.producer.get(name)
+            if node is None:
+                continue
+            for inp in node.input:
+                if node.op_type in ANCHORS:
+                    continue  # the anchor itself stays float; its inputs may be quantized for other readers
+                if inp and not self.view.is_constant(inp):
+                    stack.append(inp)
+        return tail
+
+    def downstream(self, start: str) -> set[str]:
+        """Tensors reached from ``start`` through non-anchor nodes (the output path of a guarded Concat)."""
+        seen: set[str] = set()
+        stack = [start]
+        while stack:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            for reader in self.view.consumers.get(name, []):
+                if reader.op_type in ANCHORS:
+                    continue
+                stack.extend(o for o in reader.output if o)
+        return seen
+
+    # -- the plan ------------------------------------------------------------------------------
+
+    def plan(self, forbidden: set[str] = frozenset()) -> Plan:  # type: ignore[assignment]
+        """The placement for this graph; ``forbidden`` tensors (and anchors reading or writing them) stay float."""
+        view = self.view
+        plan = Plan()
+        tail = self.float_tail()
+        keep = tail | set(forbidden)
+        chosen: dict[str, None] = {}
+
+        def want(name: str, reader: NodeProto | None) -> None:
+            chosen.setdefault(name, None)
+            if reader is not None:
+                plan.readers.setdefault(name, set()).add(id(reader))
+
+        anchors = []
+        for node in view.nodes:
+            if node.op_type not in ANCHORS or not self.weight_ok(node):
+                continue
+            if node.output[0] in keep or any(i in keep for i in node.input if i):
+                if (
+                    self.ort
+                    and node.output[0] in tail
+                    and view.is_constant(node.input[1])
+                    and not any(i in forbidden for i in node.input if i)
+                ):
+                    plan.weight_only.append(node)  # feeds a graph output: float activations, int8 weight (file size)
+                continue
+            anchors.append(node)
+        plan.anchors = [n for n in anchors if view.is_constant(n.input[1])]
+        anchor_ids = {id(n) for n in anchors}
+        for node in anchors:
+            for name in node.input[:2]:
+                if self.activation(name):
+                    want(name, node)
+        if self.ort:
+            self._ort_outputs(plan, anchors, keep, want)
+        else:
+            self._trt_extras(plan, anchor_ids, keep, want)
+        plan.tensors = [n for n in self._graph_order() if n in chosen and n not in plan.folded]
+        plan.concats = [n for n in view.nodes if n.op_type == "Concat" and n.output[0] in chosen]
+        return plan
+
+    def _graph_order(self) -> list[str]:
+        names = [i for i in self.view.graph_inputs if not self.view.is_constant(i)]
+        names.sort()
+        for node in self.view.nodes:
+            names.extend(o for o in node.output if o)
+        return names
+
+    def _single_reader(self, name: str) -> NodeProto | None:
+        readers = self.view.consumers.get(name, [])
+        if len(readers) == 1 and name not in self.view.graph_outputs:
+            return readers[0]
+        return None
+
+    def _trt_extras(self, plan: Plan, anchor_ids: set[int], keep: set[str], want) -> None:
+        view = self.view
+        # residual Add: the input that is not a quantized branch (Conv [+ Relu/Clip]) gets Q/DQ
+        for node in view.nodes:
+            if node.op_type != "Add" or not is_standard(node) or excluded(node, self.exclude) or len(node.input) != 2:
+                continue
+            a, b = node.input
+            if not (self.activation(a) and self.activation(b)) or node.output[0] in keep or a in keep or b in keep:
+                continue
+            branch = [self._is_branch(x, anchor_ids) for x in (a, b)]
+            if branch[0]:
+                want(b, node)  # both branches: TensorRT fuses the first into the Conv, the second needs a DQ
+            elif branch[1]:
+                want(a, node)
+        # Concat: inputs share the output's scale, so TensorRT can elide the Concat
+        changed = True
+        while changed:
+            changed = False
+            for node in view.nodes:
+                if node.op_type != "Concat" or not is_standard(node) or node.output[0] not in plan.readers:
+                    continue
+                for name in node.input:
+                    if self.activation(name) and name not in keep:
+                        if node.output[0] in plan.readers and id(node) not in plan.readers.get(name, set()):
+                            want(name, node)
+                            changed = True
+                        plan.join(name, node.output[0])
+
+    def _is_branch(self, name: str, anchor_ids: set[int]) -> bool:
+        """Whether ``name`` is written by a quantized Conv/Gemm/MatMul that TensorRT can fuse with the Add."""
+        node = self.view.producer.get(name)
+        return node is not None and id(node) in anchor_ids and self._single_reader(name) is not None
+
+    def _ort_outputs(self, plan: Plan, anchors: list[NodeProto], keep: set[str], want) -> None:
+        view = self.view
+        quantized: set[str] = set(plan.readers)  # int8-valued tensors (with a Q/DQ pair, absorbed, or folded)
+        handled: set[int] = {id(n) for n in anchors}
+
+        def add(name: str, reader: NodeProto | None) -> None:
+            quantized.add(name)
+            if name not in plan.folded:
+                want(name, reader)
+
+        def output(node: NodeProto) -> None:
+            """Quantize a node's output, or the output of its single Relu/Clip reader (absorbed into the Q)."""
+            out = node.output[0]
+            reader = self._single_reader(out)
+            if (
+                reader is not None
+                and reader.op_type in ABSORBED
+                and is_standard(reader)
+                and not excluded(reader, self.exclude)
+                and reader.output[0] not in keep
+                and self.activation(reader.output[0])
+            ):
+                handled.add(id(reader))
+                quantized.add(out)  # no Q/DQ between the op and its Relu/Clip: onnxruntime drops it before the Q
+                add(reader.output[0], None)
+            elif out not in keep and out not in view.graph_outputs:
+                add(out, None)
+
+        for node in anchors:
+            output(node)
+        # propagate int8 through the ops onnxruntime runs in uint8, in graph order
+        for node in view.nodes:
+            op = node.op_type
+            if id(node) in handled or not is_standard(node) or excluded(node, self.exclude) or not node.output or node.output[0] in keep:
+                continue
+            if op not in ORT_INT8 and op not in ORT_SAME_SCALE and op not in ABSORBED:
+                continue
+            if not self.activation(node.output[0]):
+                continue
+            positions = DATA_INPUTS.get(op, tuple(range(len(node.input))))
+            data = [node.input[i] for i in positions if i < len(node.input) and node.input[i]]
+            acts = [d for d in data if self.activation(d)]
+            if not acts or any(a in keep for a in acts):
+                continue
+            consts = [d for d in data if d not in acts]
+            if consts and op not in ("Add", "Mul", "Concat"):
+                continue
+            if op == "Mul" and len(acts) == 1 and acts[0] in quantized and node.output[0] not in view.graph_outputs:
+                factor = self.positive_scalar(consts[0]) if len(consts) == 1 else None
+                source = acts[0]
+                if factor is not None and (
+                    source in plan.folded or source in plan.readers or source in view.graph_inputs or source in view.producer
+                ):
+                    root, base = plan.folded.get(source, (source, 1.0))
+                    if root in plan.readers or root in plan.folded or self._has_pair(root, quantized):
+                        handled.add(id(node))
+                        add(root, None)
+                        plan.folded[node.output[0]] = (root, base * factor)
+                        plan.removed.add(id(node))
+                        quantized.add(node.output[0])
+                        continue
+            if op in ("Add", "Mul"):
+                if not any(a in quantized for a in acts):
+                    continue
+            elif not all(a in quantized for a in acts):
+                continue
+            handled.add(id(node))
+            for a in acts:
+                add(a, node)
+            if op in ("Add", "Mul", "Concat"):
+                for c in consts:
+                    plan.constants.setdefault(c, []).append(node)
+            if op in ORT_SAME_SCALE:
+                plan.join(node.output[0], acts[0])
+            output(node)
+
+    def _has_pair(self, name: str, quantized: set[str]) -> bool:
+        """Whether ``name`` is (or can be) quantized with its own Q/DQ pair (not an absorbed intermediate)."""
+        return name in quantized and not self._absorbed_input(name)
+
+    def _absorbed_input(self, name: str) -> bool:
+        reader = self._single_reader(name)
+        return reader is not None and reader.op_type in ABSORBED
+
+    def positive_scalar(self, name: str) -> float | None:
+        """The value of a one-element positive finite float constant, else None."""
+        tensor = self.view.initializers.get(name)
+        if tensor is None or not self.view.is_constant(name) or tensor.data_type != TensorProto.FLOAT:
+            return None
+        from onnx import numpy_helper
+
+        value = numpy_helper.to_array(tensor)
+        if value.size != 1:
+            return None
+        number = float(value.reshape(-1)[0])
+        return number if 0 < number < float("inf") and value.ndim <= 1 else None
+
+
+def float_map(view: GraphView, types: dict) -> dict[str, bool]:
+    """Whether each named value is a float32 tensor (by inferred type)."""
+    result: dict[str, bool] = {}
+    for name, type_proto in types.items():
+        result[name] = type_proto.WhichOneof("value") == "tensor_type" and type_proto.tensor_type.elem_type == TensorProto.FLOAT
+    for name, tensor in view.initializers.items():
+        result[name] = tensor.data_type == TensorProto.FLOAT
+    return result

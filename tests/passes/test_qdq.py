@@ -1,0 +1,424 @@
+"""Tests of the qdq pass: placement per target (exact structure), weights, biases, opset handling, guards, fidelity."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from helpers import assert_equivalent, init, make_model, tensor_input
+from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
+
+import onnxopt
+import onnxopt.passes.qdq  # noqa: F401  (registers the pass)
+from onnxopt.calibration import CalibrationData
+from onnxopt.errors import OnnxoptError, OptionError
+from onnxopt.verify import run_model
+
+F32 = TensorProto.FLOAT
+RNG = np.random.default_rng(0)
+
+
+def rand(*shape: int, scale: float = 1.0) -> np.ndarray:
+    """Random normal float32 values."""
+    return (RNG.standard_normal(shape) * scale).astype(np.float32)
+
+
+def calib(model: ModelProto, samples: int = 8, seed: int = 1) -> CalibrationData:
+    """Seeded normal calibration arrays for every model input."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for value in model.graph.input:
+        dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+        arrays[value.name] = rng.standard_normal([samples * dims[0], *dims[1:]]).astype(np.float32)
+    return CalibrationData.from_arrays(arrays, model=model)
+
+
+def quantize(model: ModelProto, target: str = "trt", options: str = "") -> onnxopt.OptimizeResult:
+    """Run ``qdq`` (with ``options``; minmax unless a method is given) on a copy of ``model`` without fault isolation.
+
+    The tiny models calibrate on 8 random samples, too few for the entropy method's histograms.
+    """
+    if "method=" not in options:
+        options = ",".join(filter(None, [options, "method=minmax"]))
+    spec = "qdq:" + options
+    return onnxopt.optimize(model, spec, target=target, calibration=calib(model), isolate=False)
+
+
+def producers(model: ModelProto) -> dict[str, NodeProto]:
+    """Node by output name."""
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def readers(model: ModelProto, name: str) -> list[NodeProto]:
+    """Nodes that read ``name``."""
+    return [n for n in model.graph.node if name in n.input]
+
+
+def node_named(model: ModelProto, name: str) -> NodeProto:
+    """The node called ``name``."""
+    return next(n for n in model.graph.node if n.name == name)
+
+
+def inits(model: ModelProto) -> dict[str, np.ndarray]:
+    """Initializers as arrays."""
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def quantized_input(model: ModelProto, node: NodeProto, index: int) -> tuple[NodeProto, NodeProto | None]:
+    """The DequantizeLinear feeding ``node.input[index]`` and the QuantizeLinear feeding it (None for a stored weight)."""
+    prod = producers(model)
+    dq = prod.get(node.input[index])
+    assert dq is not None and dq.op_type == "DequantizeLinear", f"{node.name} input {index} is not dequantized"
+    q = prod.get(dq.input[0])
+    assert q is None or q.op_type == "QuantizeLinear"
+    return dq, q
+
+
+def axis_of(node: NodeProto) -> int | None:
+    """The axis attribute of a Q/DQ node, or None."""
+    return next((a.i for a in node.attribute if a.name == "axis"), None)
+
+
+def check_fidelity(original: ModelProto, quantized: ModelProto) -> None:
+    """The quantized model loads, passes onnx.checker and keeps int8 fidelity in onnxruntime."""
+    onnx.checker.check_model(quantized, full_check=True)
+    batch = original.graph.input[0].type.tensor_type.shape.dim[0].dim_value
+    feeds = dict(next(calib(original, batch, seed=7).batches(batch)))
+    assert_equivalent(original, quantized, feeds, precision="int8")
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def resnet_block(opset: int = 17) -> ModelProto:
+    """x -> Conv1 -> Relu1 -> Conv2 -> Add(+Relu1) -> Relu2 -> GlobalAveragePool -> Flatten -> Gemm(transB) -> y."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "r1"], ["s"], name="add"),
+        helper.make_node("Relu", ["s"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1),
+    ]
+    inits_ = [
+        init("w1", rand(8, 3, 3, 3, scale=0.3)),
+        init("b1", rand(8, scale=0.1)),
+        init("w2", rand(8, 8, 3, 3, scale=0.2)),
+        init("b2", rand(8, scale=0.1)),
+        init("wf", rand(5, 8, scale=0.5)),
+        init("bf", rand(5, scale=0.1)),
+    ]
+    return make_model(nodes, [tensor_input("x", [1, 3, 8, 8])], [tensor_input("y", [1, 5])], inits_, opset=opset)
+
+
+def mlp() -> ModelProto:
+    """x -> MatMul(W1) -> Relu -> Gemm(W2, transB=0) -> Relu -> MatMul(W3) -> y."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["m1"], name="mm1"),
+        helper.make_node("Relu", ["m1"], ["r1"], name="relu1"),
+        helper.make_node("Gemm", ["r1", "w2", "b2"], ["m2"], name="gemm"),
+        helper.make_node("Relu", ["m2"], ["r2"], name="relu2"),
+        helper.make_node("MatMul", ["r2", "w3"], ["y"], name="mm3"),
+    ]
+    inits_ = [init("w1", rand(16, 12, scale=0.3)), init("w2", rand(12, 10, scale=0.3)), init("b2", rand(10)), init("w3", rand(10, 4))]
+    return make_model(nodes, [tensor_input("x", [2, 16])], [tensor_input("y", [2, 4])], inits_)
+
+
+def concat_model(ratio: float = 1.0) -> ModelProto:
+    """Two Convs concatenated, then a Conv and a Relu: x -> {convA, convB} -> Concat -> conv3 -> relu -> y."""
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"], name="convA"),
+        helper.make_node("Conv", ["x", "wb"], ["b"], name="convB"),
+        helper.make_node("Concat", ["a", "b"], ["cat"], name="concat", axis=1),
+        helper.make_node("Conv", ["cat", "w3"], ["c3"], name="conv3"),
+        helper.make_node("Relu", ["c3"], ["y"], name="relu"),
+    ]
+    inits_ = [init("wa", rand(4, 3, 1, 1)), init("wb", rand(4, 3, 1, 1) * np.float32(ratio)), init("w3", rand(6, 8, 1, 1))]
+    return make_model(nodes, [tensor_input("x", [1, 3, 6, 6])], [tensor_input("y", [1, 6, 6, 6])], inits_)
+
+
+def deconv_model() -> ModelProto:
+    """x -> Conv -> ConvTranspose -> Relu -> Conv -> y (the ConvTranspose weight is [C_in, C_out, k, k])."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+        helper.make_node("ConvTranspose", ["c1", "wt"], ["t"], name="deconv", strides=[2, 2]),
+        helper.make_node("Relu", ["t"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2"),
+    ]
+    inits_ = [init("w1", rand(4, 3, 1, 1)), init("wt", rand(4, 6, 2, 2)), init("w2", rand(2, 6, 1, 1))]
+    return make_model(nodes, [tensor_input("x", [1, 3, 4, 4])], [tensor_input("y", [1, 2, 8, 8])], inits_)
+
+
+# ----------------------------------------------------------------------------- target trt
+
+
+def test_trt_resnet_structure() -> None:
+    model = resnet_block()
+    out = quantize(model, "trt").model
+    conv1, conv2, add, relu1, fc = (node_named(out, n) for n in ("conv1", "conv2", "add", "relu1", "fc"))
+    values = inits(out)
+    # activations: x and r1 quantized per tensor, symmetric int8, zero point 0
+    for node, name in ((conv1, "x"), (conv2, "r1")):
+        dq, q = quantized_input(out, node, 0)
+        assert q is not None and q.input[0] == name
+        assert values[q.input[1]].shape == () and values[q.input[2]].dtype == np.int8 and values[q.input[2]] == 0
+    # weights: stored int8, per-channel on axis 0, zero points 0; biases float
+    for node, channels in ((conv1, 8), (conv2, 8)):
+        dq, q = quantized_input(out, node, 1)
+        assert q is None and axis_of(dq) == 0
+        assert values[dq.input[0]].dtype == np.int8 and values[dq.input[1]].shape == (channels,)
+        assert not values[dq.input[2]].any()
+        assert node.input[2] in values and values[node.input[2]].dtype == np.float32
+    # no Q/DQ between conv1 and its Relu; residual Add reads the skip (r1) through a DQ, the branch (c2) in float
+    assert relu1.input[0] == "c1"
+    assert add.input[0] == "c2"
+    assert producers(out)[add.input[1]].op_type == "DequantizeLinear"
+    # the layer feeding the graph output stays float (keep_outputs)
+    assert fc.input[0] == "f" and fc.input[1] == "wf"
+    check_fidelity(model, out)
+
+
+def test_trt_keep_outputs_false_quantizes_gemm_on_transposed_axis() -> None:
+    out = quantize(resnet_block(), "trt", "keep_outputs=false").model
+    fc = node_named(out, "fc")
+    dq, q = quantized_input(out, fc, 0)
+    assert q is not None
+    wdq, _ = quantized_input(out, fc, 1)
+    assert axis_of(wdq) == 0 and inits(out)[wdq.input[1]].shape == (5,)  # transB=1: [N, K], output channels on axis 0
+
+
+def test_mlp_matmul_and_gemm_axes() -> None:
+    model = mlp()
+    out = quantize(model, "trt", "keep_outputs=false").model
+    values = inits(out)
+    for name, channels in (("mm1", 12), ("gemm", 10), ("mm3", 4)):
+        dq, _ = quantized_input(out, node_named(out, name), 1)
+        assert axis_of(dq) == 1 and values[dq.input[1]].shape == (channels,)
+        quantized_input(out, node_named(out, name), 0)
+    check_fidelity(model, out)
+
+
+def test_convtranspose_axis_1() -> None:
+    model = deconv_model()
+    out = quantize(model, "trt", "keep_outputs=false").model
+    dq, q = quantized_input(out, node_named(out, "deconv"), 1)
+    assert q is None and axis_of(dq) == 1 and inits(out)[dq.input[1]].shape == (6,)
+    assert node_named(out, "relu").input[0] == "t"
+    check_fidelity(model, out)
+
+
+def test_trt_concat_shares_one_scale() -> None:
+    model = concat_model()
+    out = quantize(model, "trt", "keep_outputs=false").model
+    values = inits(out)
+    concat, conv3 = node_named(out, "concat"), node_named(out, "conv3")
+    scales = []
+    for index in range(2):
+        dq, q = quantized_input(out, concat, index)
+        scales.append(float(values[dq.input[1]]))
+    dq, _ = quantized_input(out, conv3, 0)
+    scales.append(float(values[dq.input[1]]))
+    assert len(set(scales)) == 1
+    check_fidelity(model, out)
+
+
+def test_concat_range_guard_keeps_output_path_float() -> None:
+    model = concat_model(ratio=1000.0)
+    result = quantize(model, "trt", "keep_outputs=false")
+    out = result.model
+    assert node_named(out, "conv3").input[0] == "cat"
+    assert node_named(out, "conv3").input[1] == "w3"
+    assert any("Concat" in w and "stays float" in w for w in result.report.warnings)
+    check_fidelity(model, out)
+
+
+# ----------------------------------------------------------------------------- target ort-cpu
+
+
+def test_ort_cpu_structure() -> None:
+    model = resnet_block()
+    out = quantize(model, "ort-cpu").model
+    values = inits(out)
+    prod = producers(out)
+    conv1, conv2, fc = (node_named(out, n) for n in ("conv1", "conv2", "fc"))
+    # uint8 activations, asymmetric; the Relu after conv1 is absorbed: its output's Q has zero point 0
+    dq, q = quantized_input(out, conv1, 0)
+    assert values[q.input[2]].dtype == np.uint8
+    dq2, q2 = quantized_input(out, conv2, 0)
+    assert q2.input[0] == "r1" and values[q2.input[2]] == 0
+    assert [n.op_type for n in readers(out, "c1")] == ["Relu"]
+    # int8 per-channel weights; int32 bias with scale = input scale * weight scale
+    for conv, (act_dq, _) in ((conv1, (dq, q)), (conv2, (dq2, q2))):
+        wdq, _ = quantized_input(out, conv, 1)
+        bdq, _ = quantized_input(out, conv, 2)
+        assert values[wdq.input[0]].dtype == np.int8 and axis_of(wdq) == 0
+        assert values[bdq.input[0]].dtype == np.int32 and axis_of(bdq) == 0
+        np.testing.assert_allclose(values[bdq.input[1]], values[act_dq.input[1]] * values[wdq.input[1]], rtol=1e-6)
+    # every conv output is read only by its Q (or its absorbed Relu), so onnxruntime can fuse QLinearConv
+    assert [n.op_type for n in readers(out, "c2")] == ["QuantizeLinear"]
+    # the Add runs between DQs and a Q (QLinearAdd); its Relu is absorbed
+    add = node_named(out, "add")
+    assert all(prod[i].op_type == "DequantizeLinear" for i in add.input)
+    assert [n.op_type for n in readers(out, "s")] == ["Relu"]
+    # the output layer keeps float activations but stores an int8 weight (file size)
+    assert fc.input[0] == prod[fc.input[0]].output[0] and prod[fc.input[0]].op_type == "DequantizeLinear"
+    wdq, _ = quantized_input(out, fc, 1)
+    assert values[wdq.input[0]].dtype == np.int8
+    assert fc.input[2] == "bf"
+    assert "y" in [o.name for o in out.graph.output] and prod["y"] is fc
+    check_fidelity(model, out)
+
+
+def test_ort_cpu_folds_positive_scalar_mul_into_scale() -> None:
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+        helper.make_node("Mul", ["c1", "sixth"], ["m"], name="mul"),
+        helper.make_node("Conv", ["m", "w2"], ["c2"], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["y"], name="relu"),
+    ]
+    inits_ = [init("w1", rand(4, 3, 1, 1)), init("sixth", np.array(1 / 6, np.float32)), init("w2", rand(4, 4, 1, 1))]
+    model = make_model(nodes, [tensor_input("x", [1, 3, 4, 4])], [tensor_input("y", [1, 4, 4, 4])], inits_)
+    result = quantize(model, "ort-cpu", "keep_outputs=false")
+    out = result.model
+    assert "Mul" not in [n.op_type for n in out.graph.node]
+    values = inits(out)
+    dq_m = producers(out)["m"]
+    q_c1 = producers(out)[dq_m.input[0]]
+    assert dq_m.op_type == "DequantizeLinear" and q_c1.input[0] == "c1"
+    np.testing.assert_allclose(values[dq_m.input[1]], values[q_c1.input[1]] / 6, rtol=1e-6)
+    check_fidelity(model, out)
+
+
+# ----------------------------------------------------------------------------- opset, exclusions, guards
+
+
+def test_opset_11_is_upgraded_for_per_channel() -> None:
+    model = resnet_block(opset=11)
+    result = quantize(model, "ort-cpu")
+    assert onnxopt.graph.opset_version(result.model) == 13
+    assert any("upgraded the model from opset 11 to 13" in w for w in result.report.warnings)
+    check_fidelity(model, result.model)
+
+
+def test_opset_11_falls_back_to_per_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnx.version_converter
+
+    def refuse(model, version):
+        raise RuntimeError("adapter missing")
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", refuse)
+    model = resnet_block(opset=11)
+    result = quantize(model, "portable")  # (target trt upgrades every model to opset 17 first)
+    out = result.model
+    assert onnxopt.graph.opset_version(out) == 11
+    assert any("per-tensor" in w for w in result.report.warnings)
+    assert all(axis_of(n) is None for n in out.graph.node if n.op_type == "DequantizeLinear")
+    assert all(inits(out)[n.input[1]].shape == () for n in out.graph.node if n.op_type == "DequantizeLinear")
+    check_fidelity(model, out)
+
+
+@pytest.mark.parametrize("pattern", ["conv2", "Conv", "conv[0-9]"])
+def test_exclude_by_name_op_type_and_regex(pattern: str) -> None:
+    out = quantize(resnet_block(), "trt", f"exclude={pattern}").model
+    conv2 = node_named(out, "conv2")
+    assert conv2.input[0] == "r1" and conv2.input[1] == "w2"
+    conv1 = node_named(out, "conv1")
+    assert (conv1.input[1] == "w1") == (pattern != "conv2")
+
+
+def test_graph_output_tensor_stays_float() -> None:
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+        helper.make_node("Conv", ["c1", "w2"], ["c2"], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["y"], name="relu"),
+    ]
+    inits_ = [init("w1", rand(4, 3, 1, 1)), init("w2", rand(4, 4, 1, 1))]
+    outputs = [tensor_input("c1", [1, 4, 4, 4]), tensor_input("y", [1, 4, 4, 4])]
+    model = make_model(nodes, [tensor_input("x", [1, 3, 4, 4])], outputs, inits_)
+    for target in ("trt", "ort-cpu"):
+        out = quantize(model, target).model
+        conv1 = node_named(out, "conv1")
+        assert producers(out)["c1"] is conv1 and conv1.input[0] == "x"
+        assert (conv1.input[1] == "w1") == (target == "trt")  # ort-cpu: float activations, int8 weight
+        check_fidelity(model, out)
+
+
+def test_deterministic() -> None:
+    model = resnet_block()
+    for target in ("trt", "ort-cpu"):
+        first = quantize(model, target).model.SerializeToString()
+        assert quantize(model, target).model.SerializeToString() == first
+
+
+def test_already_quantized_is_left_alone() -> None:
+    model = quantize(resnet_block(), "trt").model
+    again = quantize(model, "trt")
+    assert again.model.SerializeToString() == model.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ("method=kl", "option 'method'"),
+        ("percentile=20", "option 'percentile'"),
+        ("batch_size=0", "option 'batch_size'"),
+        ("exclude=(", "bad regex"),
+    ],
+)
+def test_bad_options(options: str, message: str) -> None:
+    with pytest.raises(OptionError, match=message) as info:
+        quantize(resnet_block(), "trt", options)
+    assert "\n" not in str(info.value)
+
+
+def test_needs_calibration() -> None:
+    with pytest.raises(OnnxoptError, match="calibration"):
+        onnxopt.optimize(resnet_block(), "qdq", isolate=False)
+
+
+def test_methods_and_calib_batches() -> None:
+    model = resnet_block()
+    scales = set()
+    for method in ("minmax", "percentile", "entropy", "mse"):
+        out = quantize(model, "trt", f"method={method},calib_batches=1,batch_size=4").model
+        dq, _ = quantized_input(out, node_named(out, "conv2"), 0)
+        scales.add(float(inits(out)[dq.input[1]]))
+        check_fidelity(model, out)
+    assert len(scales) > 1
+
+
+def test_cosine_against_fp32() -> None:
+    model = resnet_block()
+    feeds = dict(next(calib(model, 1, seed=9).batches(1)))
+    ref = run_model(model, feeds)["y"].ravel()
+    for target in ("trt", "ort-cpu"):
+        got = run_model(quantize(model, target, "keep_outputs=false").model, feeds)["y"].ravel()
+        assert float(np.dot(ref, got) / (np.linalg.norm(ref) * np.linalg.norm(got))) > 0.99
+
+
+# ----------------------------------------------------------------------------- real models
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ppocr_det", "ppocr_rec", "ppocr_cls", "magika"])
+def test_real_models_load_and_run(name: str) -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import quantize as bench  # benchmarks/quantize.py
+
+    path = bench._cached(name)
+    model = onnx.load(str(path))
+    bench._distinct_dim_names(model)
+    data = CalibrationData.from_arrays(bench.inputs(name, 8, seed=1), model=model)
+    for target in ("ort-cpu", "trt"):
+        out = onnxopt.optimize(model, "default,qdq", target=target, calibration=data, isolate=False).model
+        onnx.checker.check_model(out)
+        feeds = {k: v[:1] for k, v in bench.inputs(name, 1, seed=2).items()}
+        ref, got = run_model(model, feeds), run_model(out, feeds)
+        for key in ref:
+            a, b = ref[key].ravel().astype(np.float64), got[key].ravel().astype(np.float64)
+            assert float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))) > 0.9, (name, target)
