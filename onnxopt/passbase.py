@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import typing
 from collections import Counter
 from collections.abc import Iterable
@@ -193,6 +194,20 @@ def check_choices(pass_name: str, option_name: str, values: tuple[str, ...], kno
     unknown = [value for value in values if value not in choices]
     if unknown:
         raise OptionError(f"option '{option_name}' of pass '{pass_name}': unknown {what} '{unknown[0]}' (known: {', '.join(choices)})")
+
+
+def check_patterns(pass_name: str, option_name: str, patterns: tuple[str, ...]) -> None:
+    """Raise :class:`OptionError` for the first of ``patterns`` that is not a valid regular expression."""
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise OptionError(f"option '{option_name}' of pass '{pass_name}': bad regex '{pattern}' ({exc})") from None
+
+
+def matches_pattern(name: str, patterns: Iterable[str]) -> bool:
+    """Whether ``name`` equals one of ``patterns`` or one of them, as a regular expression, matches all of it."""
+    return any(name == p or re.fullmatch(p, name) for p in patterns)
 
 
 def _type_name(tp: Any) -> str:

@@ -47,8 +47,6 @@ needs: every precision change is an explicit Cast.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -58,7 +56,7 @@ from onnx import GraphProto, ModelProto, NodeProto, TensorProto, TypeProto, help
 
 from onnxopt.errors import OnnxoptError, OptionError
 from onnxopt.graph import GraphView, is_standard, subgraphs
-from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, option
+from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, check_patterns, matches_pattern, option
 from onnxopt.passes.constants import constant_value
 from onnxopt.passes.noop_rules import get_attr
 from onnxopt.registry import register_pass
@@ -154,11 +152,7 @@ class FP16(Pass):
                 for op in getattr(self, key):
                     if not onnx.defs.has(op):
                         raise OptionError(f"option '{key}' of pass 'fp16': '{op}' is not an ONNX op type")
-            for pattern in self.keep_nodes:
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise OptionError(f"option 'keep_nodes' of pass 'fp16': bad regex '{pattern}' ({exc})") from None
+            check_patterns("fp16", "keep_nodes", self.keep_nodes)
             if self.max_reduce < 1:
                 raise OptionError("option 'max_reduce' of pass 'fp16' must be at least 1")
             if not 0 < self.calib_limit <= FP16_MAX:
@@ -209,10 +203,6 @@ def _is_small(types: dict[str, TypeProto], name: str) -> bool:
     if dims is None or len(dims) > 1 or any(d is None for d in dims):
         return False
     return int(np.prod(dims, dtype=np.int64)) <= SMALL_ELEMENTS
-
-
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(name == p or re.fullmatch(p, name) for p in patterns)
 
 
 def _out_of_range(array: np.ndarray) -> bool:
@@ -435,7 +425,7 @@ class _Converter:
             return self._kept(node, "free")
         if node.op_type in self.blocked:
             return self._kept(node, "blocked op type")
-        if options.keep_nodes and node.name and _matches(node.name, options.keep_nodes):
+        if options.keep_nodes and node.name and matches_pattern(node.name, options.keep_nodes):
             return self._kept(node, "keep_nodes")
         if id(node) in variance:
             return self._kept(node, "normalization statistics")

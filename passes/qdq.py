@@ -35,7 +35,7 @@ from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 from onnxopt.calibration import RANGE_METHODS, CalibrationData, TensorStats, collect_stats, compute_range
 from onnxopt.errors import OnnxoptError, OptionError
 from onnxopt.graph import GraphView, opset_version
-from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, option
+from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_patterns, option
 from onnxopt.passes.fusion_support import const_name
 from onnxopt.passes.qdq_placement import Plan, Planner, float_map
 from onnxopt.registry import register_pass
@@ -65,7 +65,6 @@ class QdqOptions(PassOptions):
 
     def validate(self) -> None:
         """Check the method, percentile, batch sizes and exclusion patterns."""
-        import re
 
         where = f"pass '{PASS_NAME}'"
         if self.method not in METHODS:
@@ -78,11 +77,7 @@ class QdqOptions(PassOptions):
             raise OptionError(f"option 'calib_batches' of {where} must not be negative, not {self.calib_batches}")
         if not self.concat_ratio > 1:
             raise OptionError(f"option 'concat_ratio' of {where} must be greater than 1, not {self.concat_ratio}")
-        for pattern in self.exclude:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise OptionError(f"option 'exclude' of {where}: bad regex '{pattern}' ({exc})") from None
+        check_patterns(PASS_NAME, "exclude", self.exclude)
 
 
 class _Limited:

@@ -14,12 +14,12 @@ statistics-driven guard forbids some tensors. Two placements:
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from onnx import NodeProto, TensorProto
 
 from onnxopt.graph import GraphView, is_standard
+from onnxopt.passbase import matches_pattern
 
 ANCHORS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # ops that onnxruntime CPU runs in uint8 between DQ and Q (QLinear* kernels, or uint8 directly)
@@ -61,12 +61,7 @@ class Plan:
 
 def excluded(node: NodeProto, patterns: tuple[str, ...]) -> bool:
     """Whether a node is excluded: its name or op type equals a pattern, or a pattern (regex) matches its whole name."""
-    for pattern in patterns:
-        if node.name == pattern or node.op_type == pattern:
-            return True
-        if node.name and re.fullmatch(pattern, node.name):
-            return True
-    return False
+    return node.op_type in patterns or (bool(node.name) and matches_pattern(node.name, patterns))
 
 
 class Planner:

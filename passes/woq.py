@@ -28,7 +28,7 @@ from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_h
 
 from onnxopt.errors import OnnxoptError, OptionError
 from onnxopt.graph import GraphScope, GraphView, is_standard, node_label, opset_version
-from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, option
+from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_patterns, option
 from onnxopt.passes.contrib_ops import MS_DOMAIN, MS_VERSION, has_kernel, ort_target
 from onnxopt.passes.fusion_support import elem, import_domain, replace_nodes, unique
 from onnxopt.passes.noop_rules import NoMatch, constant_tensor, get_attr, require
@@ -73,11 +73,7 @@ class WoqOptions(PassOptions):
             raise OptionError(f"option 'damp' of {where} must be in (0, 10), not {self.damp}")
         if self.accuracy_level not in range(5):
             raise OptionError(f"option 'accuracy_level' of {where} must be 0..4, not {self.accuracy_level}")
-        for pattern in self.exclude:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise OptionError(f"option 'exclude' of {where}: bad regex '{pattern}' ({exc})") from None
+        check_patterns(PASS_NAME, "exclude", self.exclude)
 
 
 # ----------------------------------------------------------------------------- numpy quantization
