@@ -163,7 +163,8 @@ class PassManager:
         except Exception as exc:  # fault isolation: a pass bug must not lose the model
             return self._rollback(p, ctx, checkpoint, exc, step, iteration, t0)
         seconds = time.perf_counter() - t0
-        record = PassRecord(p.name, step, iteration, "changed" if result.modified else "unchanged", dict(result.counts), seconds)
+        status = "changed" if result.modified else "unchanged"
+        record = PassRecord(p.name, step, iteration, status, dict(result.counts), seconds, notes=list(dict.fromkeys(result.notes)))
         self._fill_stats(record, ctx, result.modified)
         self._report.passes.append(record)
         seen = set(self._report.warnings)  # a note repeated by later fixpoint iterations is reported once

@@ -25,6 +25,7 @@ class PassRecord:
     weight_bytes: int = 0
     flops: int = 0
     message: str = ""
+    notes: list[str] = field(default_factory=list)  # what the pass said (also in the run's warnings, once)
 
 
 @dataclass

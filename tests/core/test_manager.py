@@ -267,3 +267,11 @@ def test_a_view_is_rebuilt_after_an_unreported_rebuild_of_the_node_list():
     result = onnxopt.optimize(model, [RebuildsUnchanged(), "eliminate_noops"], isolate=False)
     assert [n.op_type for n in result.model.graph.node] == ["Relu", "Neg"]
     assert result.model.graph.node[0].input[0] == "x"
+
+
+def test_each_record_keeps_its_pass_notes():
+    group = FixpointGroup([RemoveOneRelu(), NotesEveryRun()], name="g")
+    result = onnxopt.optimize(_chain_model(), [group], isolate=False)
+    records = [r for r in result.report.passes if r.name == "test_notes_every_run"]
+    assert records and all(r.notes == ["the same note"] for r in records)
+    assert result.report.to_dict()["passes"][-1]["notes"] == ["the same note"]
