@@ -186,7 +186,7 @@ def bench(name: str, runs: int, passes: str, out_dir: Path) -> dict:
         result = onnxopt.optimize(model, passes, target="ort-cpu", calibration=CalibrationData.from_arrays(calib, model=model))
         onnx.save(result.model, str(mine))
         row["onnxopt"] = "ok"
-        row["onnxopt_notes"] = [n for rec in result.report.passes for n in getattr(rec, "notes", [])][:8]
+        row["onnxopt_notes"] = [n for rec in result.report.passes for n in getattr(rec, "notes", [])][:20]
         paths["onnxopt"] = mine
     except Exception as exc:  # noqa: BLE001 - the benchmark reports failures
         row["onnxopt"] = f"failed ({type(exc).__name__}: {str(exc)[:150]})"

@@ -16,6 +16,11 @@ to about a quarter).
   next Q (zero point 0), a Mul by a positive scalar constant is folded into the DequantizeLinear scale
   (exact), and the layers feeding graph outputs keep float activations with an int8 weight.
 
+Fidelity repairs (:mod:`onnxopt.passes.qdq_sensitivity`): ``bias_correction`` (default on) shifts each
+quantized layer's bias by its per-channel mean output error; ``sensitivity`` / ``keep_float`` /
+``max_error`` rank the layers by the output error each adds alone and keep the worst ones float
+(on ort-cpu with int8 weights, so the file stays small).
+
 Per-channel DequantizeLinear needs ai.onnx opset 13: an older model is upgraded with onnx's
 version converter (checked on a calibration batch), or, when that fails, weights fall back to
 per-tensor scales; a note says which.
@@ -34,7 +39,7 @@ from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from onnxopt.calibration import RANGE_METHODS, CalibrationData, TensorStats, collect_stats, compute_range
 from onnxopt.errors import OnnxoptError, OptionError
-from onnxopt.graph import GraphView, opset_version
+from onnxopt.graph import GraphView, NameGenerator, opset_version
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_patterns, option
 from onnxopt.passes.fusion_support import const_name
 from onnxopt.passes.qdq_placement import Plan, Planner, float_map
@@ -62,6 +67,10 @@ class QdqOptions(PassOptions):
     batch_size: int = option(8, "calibration batch size")
     calib_batches: int = option(0, "use at most this many calibration batches (0: all)")
     concat_ratio: float = option(100.0, "a Concat whose inputs' ranges differ by more than this ratio stays float on its output path")
+    bias_correction: bool = option(True, "shift biases by the per-channel mean error of each quantized layer's output (calibration data)")
+    sensitivity: bool = option(False, "rank layers by the output error when quantized alone (notes: top 10)")
+    keep_float: int = option(0, "keep the N most sensitive layers in float (runs the sensitivity ranking)")
+    max_error: float = option(0.0, "keep the most sensitive layers float until the output error (1 - cosine) is below this (0: off)")
 
     def validate(self) -> None:
         """Check the method, percentile, batch sizes and exclusion patterns."""
@@ -77,6 +86,10 @@ class QdqOptions(PassOptions):
             raise OptionError(f"option 'calib_batches' of {where} must not be negative, not {self.calib_batches}")
         if not self.concat_ratio > 1:
             raise OptionError(f"option 'concat_ratio' of {where} must be greater than 1, not {self.concat_ratio}")
+        if self.keep_float < 0:
+            raise OptionError(f"option 'keep_float' of {where} must not be negative, not {self.keep_float}")
+        if not 0 <= self.max_error < 1:
+            raise OptionError(f"option 'max_error' of {where} must be in [0, 1), not {self.max_error}")
         check_patterns(PASS_NAME, "exclude", self.exclude)
 
 
@@ -208,8 +221,11 @@ class QuantizeQDQ(Pass):
         graph = model.graph  # the upgrade replaced the model's contents
         if any(n.op_type in ("If", "Loop", "Scan") for n in graph.node):
             result.notes.append("qdq: If/Loop/Scan bodies are left in float")
-        view = GraphView.build(graph)
-        planner = Planner(view, float_map(view, ctx.types), target=target, exclude=options.exclude, keep_outputs=options.keep_outputs)
+        float_model = ModelProto()
+        float_model.CopyFrom(model)
+        view = GraphView.build(float_model.graph)
+        is_float = float_map(view, ctx.types)
+        planner = Planner(view, is_float, target=target, exclude=options.exclude, keep_outputs=options.keep_outputs)
         plan = planner.plan()
         if not plan.tensors and not plan.anchors and not plan.weight_only:
             result.notes.append("qdq: no quantizable layer found")
@@ -218,23 +234,95 @@ class QuantizeQDQ(Pass):
         if options.calib_batches:
             data = _Limited(data, options.calib_batches)
         wanted = list(dict.fromkeys(plan.tensors + [i for c in plan.concats for i in c.input if i in plan.readers or i in plan.tensors]))
-        stats = collect_stats(model, wanted, data, batch_size=options.batch_size)
-        forbidden = _concat_guard(plan, stats, options.concat_ratio, result)
-        if forbidden:
-            blocked: set[str] = set()
-            for name in forbidden:
-                blocked |= planner.downstream(name)
-            plan = planner.plan(blocked)
-            missing = [t for t in plan.tensors if t not in stats]
-            if missing:
-                stats.update(collect_stats(model, missing, data, batch_size=options.batch_size))
-        params = _tensor_params(plan, stats, method, options.percentile, symmetric, frozenset(view.graph_inputs))
-        rewrite = _Rewriter(model, view, ctx, plan, params, symmetric=symmetric, per_channel=per_channel)
-        rewrite.apply(result)
+        if options.bias_correction:
+            wanted += [n.output[0] for n in plan.anchors + plan.weight_only if n.output[0] not in wanted]
+        stats = collect_stats(float_model, wanted, data, batch_size=options.batch_size)
+        blocked: set[str] = set()
+        for name in _concat_guard(plan, stats, options.concat_ratio, result):
+            blocked |= planner.downstream(name)
+        builder = Builder(float_model, is_float, options, target, blocked, stats, data, method=method, per_channel=per_channel)
+        keep: frozenset[int] = frozenset()
+        if options.sensitivity or options.keep_float or options.max_error:
+            from onnxopt.passes.qdq_sensitivity import choose_float_layers
+
+            keep = choose_float_layers(builder, result)
+        quantized, final_plan, rewriter = builder.build(keep, result, weights=True)
+        model.CopyFrom(quantized)
+        ctx.invalidate()
+        if options.bias_correction:
+            from onnxopt.passes.qdq_sensitivity import correct_biases
+
+            correct_biases(model, final_plan, rewriter, builder, result)
         if getattr(ctx.calibration, "random", False):
             result.notes.append("qdq: calibrated on random data: the scales are for testing only")
         result.notes.append(f"qdq: {method} calibration, {'int8 symmetric' if symmetric else 'uint8 asymmetric'} activations")
         return result
+
+
+class Builder:
+    """Builds quantized copies of the float model from one set of statistics, with chosen anchors kept float.
+
+    ``build(keep)`` plans the copy with the anchors at graph positions ``keep`` left float (the
+    sensitivity search calls it once per layer), collects statistics of tensors the new plan adds,
+    and rewrites it; the float model is never modified.
+    """
+
+    def __init__(
+        self,
+        float_model: ModelProto,
+        is_float: dict[str, bool],
+        options: QdqOptions,
+        target: str,
+        blocked: set[str],
+        stats: dict[str, TensorStats],
+        data: Any,
+        *,
+        method: str,
+        per_channel: bool,
+    ) -> None:
+        self.float_model, self.is_float, self.options, self.target = float_model, is_float, options, target
+        self.blocked, self.stats, self.data, self.method, self.per_channel = blocked, stats, data, method, per_channel
+        self.symmetric = target != "ort-cpu"
+        self.inputs = frozenset(i.name for i in float_model.graph.input)
+
+    def planner(self, view: GraphView, keep: frozenset[int] = frozenset(), *, weights: bool = False) -> Planner:
+        """The planner of ``view`` with the anchors at positions ``keep`` left float (``weights``: with int8 weights on ort-cpu)."""
+        o = self.options
+        hard, soft = (frozenset(), keep) if weights and not self.symmetric else (keep, frozenset())
+        return Planner(
+            view,
+            self.is_float,
+            target=self.target,
+            exclude=o.exclude,
+            keep_outputs=o.keep_outputs,
+            float_nodes=hard,
+            weight_only_nodes=soft,
+        )
+
+    def candidates(self) -> list[int]:
+        """Graph positions of the layers the full plan quantizes (anchors and weight-only output layers)."""
+        view = GraphView.build(self.float_model.graph)
+        plan = self.planner(view).plan(self.blocked)
+        ids = {id(n) for n in plan.layers}
+        return [i for i, n in enumerate(view.nodes) if id(n) in ids]
+
+    def ensure_stats(self, names: list[str]) -> None:
+        """Collect statistics of float-model tensors not measured yet."""
+        missing = [t for t in dict.fromkeys(names) if t not in self.stats]
+        if missing:
+            self.stats.update(collect_stats(self.float_model, missing, self.data, batch_size=self.options.batch_size))
+
+    def build(self, keep: frozenset[int], result: PassResult | None = None, *, weights: bool = False) -> tuple[ModelProto, Plan, _Rewriter]:
+        """A quantized copy with the anchors at positions ``keep`` in float (``weights``: int8 weights on ort-cpu); counts to ``result``."""
+        model = ModelProto()
+        model.CopyFrom(self.float_model)
+        view = GraphView.build(model.graph)
+        plan = self.planner(view, keep, weights=weights).plan(self.blocked)
+        self.ensure_stats(plan.tensors)
+        params = _tensor_params(plan, self.stats, self.method, self.options.percentile, self.symmetric, self.inputs)
+        rewrite = _Rewriter(model, view, NameGenerator(model), plan, params, symmetric=self.symmetric, per_channel=self.per_channel)
+        rewrite.apply(result if result is not None else PassResult())
+        return model, plan, rewrite
 
 
 def _upgrade(model: ModelProto, ctx: PassContext, version: int) -> str | None:
@@ -301,22 +389,24 @@ class _Rewriter:
         self,
         model: ModelProto,
         view: GraphView,
-        ctx: PassContext,
+        names: NameGenerator,
         plan: Plan,
         params: dict[str, QParams],
         *,
         symmetric: bool,
         per_channel: bool,
     ):
-        self.model, self.view, self.ctx, self.plan, self.params = model, view, ctx, plan, params
+        self.model, self.view, self.names, self.plan, self.params = model, view, names, plan, params
         self.symmetric, self.per_channel = symmetric, per_channel
         self.inits: list[TensorProto] = []
         self.front: list[NodeProto] = []
         self.replaced: set[str] = set()
         self.by_dq: dict[str, QParams] = {}  # DQ output of an activation -> its parameters
+        self.int32_biases: dict[str, tuple[np.ndarray, np.ndarray, str]] = {}  # anchor output -> (float bias, scale, int32 initializer)
+        self.uint8_constants: dict[str, tuple[np.ndarray, str, str, str]] = {}  # DQ output -> (float value, q, scale, zero initializers)
 
     def _init(self, base: str, array: np.ndarray) -> str:
-        name = self.ctx.names.fresh(base)
+        name = self.names.fresh(base)
         self.inits.append(numpy_helper.from_array(np.array(array, copy=True, order="C"), name))
         return name
 
@@ -325,9 +415,9 @@ class _Rewriter:
         inputs = [source, scale]
         if params.zero_point.dtype != np.int32:  # int32 (bias): the zero point is 0 and optional; omitted to save space
             inputs.append(self._init(f"{base}_zero_point", params.zero_point))
-        out = self.ctx.names.fresh(f"{base}_dq")
+        out = self.names.fresh(f"{base}_dq")
         kwargs = {"axis": params.axis} if params.axis is not None else {}
-        nodes.append(helper.make_node("DequantizeLinear", inputs, [out], name=self.ctx.names.fresh(f"{base}_DequantizeLinear"), **kwargs))
+        nodes.append(helper.make_node("DequantizeLinear", inputs, [out], name=self.names.fresh(f"{base}_DequantizeLinear"), **kwargs))
         return out
 
     def apply(self, result: PassResult) -> None:
@@ -339,11 +429,11 @@ class _Rewriter:
             params = self.params[name]
             scale = self._init(f"{name}_scale", params.scale)
             zero = self._init(f"{name}_zero_point", params.zero_point)
-            q_out = self.ctx.names.fresh(f"{name}_q")
-            dq_out = self.ctx.names.fresh(f"{name}_dq")
+            q_out = self.names.fresh(f"{name}_q")
+            dq_out = self.names.fresh(f"{name}_dq")
             pair = [
-                helper.make_node("QuantizeLinear", [name, scale, zero], [q_out], name=self.ctx.names.fresh(f"{name}_QuantizeLinear")),
-                helper.make_node("DequantizeLinear", [q_out, scale, zero], [dq_out], name=self.ctx.names.fresh(f"{name}_DequantizeLinear")),
+                helper.make_node("QuantizeLinear", [name, scale, zero], [q_out], name=self.names.fresh(f"{name}_QuantizeLinear")),
+                helper.make_node("DequantizeLinear", [q_out, scale, zero], [dq_out], name=self.names.fresh(f"{name}_DequantizeLinear")),
             ]
             if not any(id(r) not in plan.removed for r in view.consumers.get(name, [])):
                 pair = pair[:1]  # read only through folded Muls: the Q alone
@@ -376,7 +466,7 @@ class _Rewriter:
                 base = node.output[0]
                 scale = self._init(f"{base}_scale", scaled.scale)
                 zero = self._init(f"{base}_zero_point", scaled.zero_point)
-                name = self.ctx.names.fresh(f"{base}_DequantizeLinear")
+                name = self.names.fresh(f"{base}_DequantizeLinear")
                 folded[id(node)] = helper.make_node("DequantizeLinear", [q_names[root], scale, zero], [base], name=name)
                 self.by_dq[base] = scaled
                 result.count("muls_folded_into_scale")
@@ -445,6 +535,7 @@ class _Rewriter:
         base = node.input[2]
         q_name = self._init(f"{base}_quantized", q)
         node.input[2] = self._dq(q_name, params, base, self.front)
+        self.int32_biases[node.output[0]] = (bias.astype(np.float32), scale, q_name)
         self.replaced.add(base)
         result.count("biases_int32")
 
@@ -459,6 +550,7 @@ class _Rewriter:
             q = np.clip(np.rint(value / params.scale) + params.zero_point.astype(np.int32), 0, 255).astype(np.uint8)
             q_name = self._init(f"{name}_quantized", q)
             dq_out = self._dq(q_name, params, name, self.front)
+            self.uint8_constants[dq_out] = (value.astype(np.float32), q_name, self.front[-1].input[1], self.front[-1].input[2])
             for reader in readers:
                 for index, inp in enumerate(reader.input):
                     if inp == name:

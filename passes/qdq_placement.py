@@ -44,6 +44,7 @@ class Plan:
     folded: dict[str, tuple[str, float]] = field(default_factory=dict)  # ort-cpu: Mul(x, c > 0) output -> (root tensor, factor)
     weight_only: list[NodeProto] = field(default_factory=list)  # ort-cpu: output layers with int8 weights and float activations
     removed: set[int] = field(default_factory=set)  # ids of the Mul nodes folded into a DequantizeLinear scale
+    layers: list[NodeProto] = field(default_factory=list)  # every quantized Conv/Gemm/MatMul (also act x act) and weight-only layer
 
     def group_of(self, name: str) -> str:
         """The representative of ``name``'s scale group."""
@@ -67,8 +68,20 @@ def excluded(node: NodeProto, patterns: tuple[str, ...]) -> bool:
 class Planner:
     """Computes a :class:`Plan` for one graph (see the module docstring)."""
 
-    def __init__(self, view: GraphView, is_float: dict[str, bool], *, target: str, exclude: tuple[str, ...], keep_outputs: bool) -> None:
+    def __init__(
+        self,
+        view: GraphView,
+        is_float: dict[str, bool],
+        *,
+        target: str,
+        exclude: tuple[str, ...],
+        keep_outputs: bool,
+        float_nodes: frozenset[int] = frozenset(),
+        weight_only_nodes: frozenset[int] = frozenset(),
+    ) -> None:
         self.view = view
+        self.float_ids = {id(n) for i, n in enumerate(view.nodes) if i in float_nodes}  # anchors kept float (by position)
+        self.weight_only_ids = {id(n) for i, n in enumerate(view.nodes) if i in weight_only_nodes}  # ort-cpu: float activations
         self.is_float = is_float
         self.ort = target == "ort-cpu"
         self.exclude = exclude
@@ -87,7 +100,7 @@ class Planner:
 
     def weight_ok(self, node: NodeProto) -> bool:
         """Whether an anchor can be quantized: standard, not excluded, weights float constants where required."""
-        if not is_standard(node) or excluded(node, self.exclude):
+        if not is_standard(node) or excluded(node, self.exclude) or id(node) in self.float_ids:
             return False
         if node.op_type in ("Conv", "ConvTranspose"):
             return len(node.input) >= 2 and self.view.is_constant(node.input[1]) and self.activation(node.input[0])
@@ -160,6 +173,10 @@ class Planner:
         for node in view.nodes:
             if node.op_type not in ANCHORS or not self.weight_ok(node):
                 continue
+            if id(node) in self.weight_only_ids:
+                if self.ort and view.is_constant(node.input[1]) and not any(i in forbidden for i in node.input if i):
+                    plan.weight_only.append(node)
+                continue
             if node.output[0] in keep or any(i in keep for i in node.input if i):
                 if (
                     self.ort
@@ -171,6 +188,7 @@ class Planner:
                 continue
             anchors.append(node)
         plan.anchors = [n for n in anchors if view.is_constant(n.input[1])]
+        plan.layers = anchors + plan.weight_only
         anchor_ids = {id(n) for n in anchors}
         for node in anchors:
             for name in node.input[:2]:

@@ -15,6 +15,8 @@ VARIANTS = {
     "fp16": ("default,fp16", {}),
     "int8": ("default,qdq", {"target": "trt", "calibration": "random"}),
 }
+
+
 # (model, variant) pairs known to fail upstream of the build, with the reason.
 @pytest.fixture(scope="module", params=sorted(real.REAL_MODELS))
 def real_model(request):

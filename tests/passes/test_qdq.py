@@ -239,7 +239,7 @@ def test_concat_range_guard_keeps_output_path_float() -> None:
 
 def test_ort_cpu_structure() -> None:
     model = resnet_block()
-    out = quantize(model, "ort-cpu").model
+    out = quantize(model, "ort-cpu", "bias_correction=false").model
     values = inits(out)
     prod = producers(out)
     conv1, conv2, fc = (node_named(out, n) for n in ("conv1", "conv2", "fc"))
@@ -365,6 +365,8 @@ def test_already_quantized_is_left_alone() -> None:
         ("percentile=20", "option 'percentile'"),
         ("batch_size=0", "option 'batch_size'"),
         ("exclude=(", "bad regex"),
+        ("keep_float=-1", "option 'keep_float'"),
+        ("max_error=1.5", "option 'max_error'"),
     ],
 )
 def test_bad_options(options: str, message: str) -> None:
@@ -396,6 +398,146 @@ def test_cosine_against_fp32() -> None:
     for target in ("trt", "ort-cpu"):
         got = run_model(quantize(model, target, "keep_outputs=false").model, feeds)["y"].ravel()
         assert float(np.dot(ref, got) / (np.linalg.norm(ref) * np.linalg.norm(got))) > 0.99
+
+
+# ----------------------------------------------------------------------------- bias correction, sensitivity
+
+
+def skewed_conv(bias: bool = True, seed: int = 3) -> ModelProto:
+    """x (mean 3, std 0.2) -> 1x1 Conv whose output channels differ 1000x in weight size -> y.
+
+    With per-tensor weight scales the small channels round to (nearly) zero; on inputs with a large
+    mean, the output error is then mostly a per-channel mean shift: what bias correction removes.
+    """
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal([4, 4, 1, 1]).astype(np.float32)
+    w1[:2] *= np.float32(0.004)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"] if bias else ["x", "w1"], ["y"], name="conv1")]
+    inits_ = [init("w1", w1)] + ([init("b1", (rng.standard_normal(4) * 0.01).astype(np.float32))] if bias else [])
+    return make_model(nodes, [tensor_input("x", [2, 4, 5, 5])], [tensor_input("y", [2, 4, 5, 5])], inits_)
+
+
+def shifted_data(model: ModelProto, samples: int, seed: int) -> dict[str, np.ndarray]:
+    """Inputs with mean 3 and std 0.2 (so a weight error is mostly a mean error of the output)."""
+    rng = np.random.default_rng(seed)
+    return {"x": (3 + 0.2 * rng.standard_normal([samples, 4, 5, 5])).astype(np.float32)}
+
+
+def output_mse(model: ModelProto, quantized: ModelProto) -> float:
+    """Mean squared error of ``y`` on held-out inputs, both models in onnxruntime."""
+    feeds = {"x": shifted_data(model, 2, seed=5)["x"]}
+    return float(np.mean((run_model(model, feeds)["y"] - run_model(quantized, feeds)["y"]) ** 2))
+
+
+def quantize_shifted(model: ModelProto, target: str, options: str) -> onnxopt.OptimizeResult:
+    """``qdq`` (minmax, per-tensor weights, all layers) calibrated on :func:`shifted_data`."""
+    data = CalibrationData.from_arrays(shifted_data(model, 16, seed=1), model=model)
+    spec = "qdq:method=minmax,per_channel=false,keep_outputs=false," + options
+    return onnxopt.optimize(model, spec, target=target, calibration=data, isolate=False)
+
+
+@pytest.mark.parametrize("target", ["trt", "ort-cpu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_bias_correction_reduces_output_error(target: str, bias: bool) -> None:
+    model = skewed_conv(bias)
+    plain = quantize_shifted(model, target, "bias_correction=false").model
+    fixed_result = quantize_shifted(model, target, "bias_correction=true")
+    fixed = fixed_result.model
+    onnx.checker.check_model(fixed, full_check=True)
+    assert output_mse(model, fixed) < 0.5 * output_mse(model, plain)
+    assert any("bias correction on 1 layers" in w for w in fixed_result.report.warnings)
+    conv1 = node_named(fixed, "conv1")
+    assert len(conv1.input) == 3 and conv1.input[2]
+    values = inits(fixed)
+    if target == "ort-cpu":
+        # the int32 bias keeps scale = input scale x weight scale; only its values changed
+        act_dq, _ = quantized_input(fixed, conv1, 0)
+        w_dq, _ = quantized_input(fixed, conv1, 1)
+        b_dq, _ = quantized_input(fixed, conv1, 2)
+        assert values[b_dq.input[0]].dtype == np.int32
+        np.testing.assert_allclose(values[b_dq.input[1]], values[act_dq.input[1]] * values[w_dq.input[1]], rtol=1e-6)
+    else:
+        assert values[conv1.input[2]].dtype == np.float32 and values[conv1.input[2]].shape == (4,)
+        if bias:
+            assert not np.array_equal(values[conv1.input[2]], inits(model)["b1"])
+
+
+def test_bias_correction_matmul_add_constant() -> None:
+    """A MatMul's bias is the constant of the Add that reads it; per-tensor weights round the small columns away."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal([6, 4]).astype(np.float32)
+    w[:, :2] *= np.float32(0.004)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+        helper.make_node("Add", ["m", "b"], ["y"], name="bias"),
+    ]
+    model = make_model(
+        nodes,
+        [tensor_input("x", [2, 6])],
+        [tensor_input("y", [2, 4])],
+        [init("w", w), init("b", (rng.standard_normal(4) * 0.01).astype(np.float32))],
+    )
+    rng = np.random.default_rng(1)
+    data = CalibrationData.from_arrays({"x": (3 + 0.2 * rng.standard_normal([32, 6])).astype(np.float32)}, model=model)
+    feeds = {"x": (3 + 0.2 * np.random.default_rng(5).standard_normal([2, 6])).astype(np.float32)}
+    errors = []
+    for target in ("trt", "ort-cpu"):
+        errors = []
+        for flag in ("false", "true"):
+            spec = f"qdq:method=minmax,per_channel=false,keep_outputs=false,bias_correction={flag}"
+            out = onnxopt.optimize(model, spec, target=target, calibration=data, isolate=False).model
+            errors.append(float(np.mean((run_model(model, feeds)["y"] - run_model(out, feeds)["y"]) ** 2)))
+        assert node_named(out, "bias").input[1] != "b"  # a corrected constant (ort-cpu: re-quantized uint8 through a DQ)
+        assert errors[1] < 0.5 * errors[0], target
+
+
+def sensitivity_notes(result: onnxopt.OptimizeResult) -> list[str]:
+    """The ranking lines of the qdq notes."""
+    return [w for w in result.report.warnings if "sensitivity #" in w]
+
+
+@pytest.mark.parametrize("target", ["trt", "ort-cpu"])
+def test_sensitivity_ranking_and_keep_float(target: str) -> None:
+    model = resnet_block()
+    ranked = quantize(model, target, "keep_outputs=false,sensitivity=true,bias_correction=false")
+    lines = sensitivity_notes(ranked)
+    assert len(lines) == 3  # conv1, conv2, fc: one line each
+    assert [int(line.split("#")[1].split()[0]) for line in lines] == [1, 2, 3]
+    errors = [float(line.split("1-cos ")[1].split()[0]) for line in lines]
+    assert errors == sorted(errors, reverse=True)
+    top = lines[0].split("'")[1]
+    kept = quantize(model, target, "keep_outputs=false,keep_float=1,bias_correction=false")
+    out = kept.model
+    node = node_named(out, top)
+    source = producers(out).get(node.input[0])
+    if target == "trt":
+        assert source is None or source.op_type != "DequantizeLinear" or producers(out)[source.input[0]].op_type != "QuantizeLinear"
+        assert node.input[1] in inits(model)  # float weight
+    else:  # ort-cpu: the layer runs in float with an int8 weight (file size) and its float bias (no QLinear* fusion)
+        wdq, _ = quantized_input(out, node, 1)
+        assert inits(out)[wdq.input[0]].dtype == np.int8
+        if len(node.input) > 2:
+            assert inits(out)[node.input[2]].dtype == np.float32
+    assert any("[kept float]" in line for line in sensitivity_notes(kept))
+    check_fidelity(model, out)
+
+
+def test_max_error_keeps_layers_until_below() -> None:
+    model = resnet_block()
+    result = quantize(model, "trt", "keep_outputs=false,max_error=1e-12,bias_correction=false")
+    summary = next(w for w in result.report.warnings if "sensitivity of" in w)
+    assert "kept float: 3" in summary  # nothing quantized reaches 1e-12: every layer stays float
+    assert not any(n.op_type == "QuantizeLinear" for n in result.model.graph.node)
+    loose = quantize(model, "trt", "keep_outputs=false,max_error=0.5,bias_correction=false")
+    assert "kept float: 0" in next(w for w in loose.report.warnings if "sensitivity of" in w)
+
+
+def test_bias_correction_and_sensitivity_deterministic() -> None:
+    model = resnet_block()
+    for target in ("trt", "ort-cpu"):
+        options = "keep_outputs=false,keep_float=1"
+        first = quantize(model, target, options).model.SerializeToString()
+        assert quantize(model, target, options).model.SerializeToString() == first
 
 
 # ----------------------------------------------------------------------------- real models
