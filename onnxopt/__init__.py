@@ -72,6 +72,7 @@ def optimize(
     calibration: Any = None,
     calibration_preprocess: str | None = None,
     calibration_limit: int | None = None,
+    teacher: ModelProto | str | os.PathLike[str] | None = None,
 ) -> OptimizeResult:
     """Optimize a model (path or ModelProto; a given ModelProto is not modified).
 
@@ -82,7 +83,9 @@ def optimize(
     generated from the input specs with ``input_shapes`` for dynamic dimensions.
     ``calibration`` (for passes that need it) is a :class:`~onnxopt.calibration.CalibrationData`,
     a path (.npz, or a folder of .npy/.npz files or images with ``calibration_preprocess``), a
-    mapping of arrays, or ``"random"`` (testing only: the report warns).
+    mapping of arrays, or ``"random"`` (testing only: the report warns). ``teacher`` (path or
+    ModelProto) is the reference model of ``reconstruct``; by default the model before the
+    first lossy pass.
     """
     if isinstance(model, ModelProto):
         working = ModelProto()
@@ -97,7 +100,16 @@ def optimize(
         data = CalibrationData.resolve(
             calibration, working, preprocess=calibration_preprocess, limit=calibration_limit, input_shapes=input_shapes
         )
-    manager = PassManager.from_spec(passes, target=target, verify=verify, isolate=isolate, opset=opset, calibration=data)  # type: ignore[arg-type]
+    reference = load(teacher) if teacher is not None and not isinstance(teacher, ModelProto) else teacher  # read only
+    manager = PassManager.from_spec(
+        passes,
+        target=target,
+        verify=verify,  # type: ignore[arg-type]
+        isolate=isolate,
+        opset=opset,
+        calibration=data,
+        teacher=reference,
+    )
     if verify != "off":
         from onnxopt.verify import Verifier
 

@@ -169,6 +169,12 @@ def _list_passes_callback(ctx: click.Context, _param, value: bool) -> None:
     help="Image preprocessing, e.g. resize=224,mean=0.485,0.456,0.406,std=0.229,0.224,0.225,scale=1/255,layout=NCHW,color=RGB.",
 )
 @click.option("--calib-limit", type=click.IntRange(1), default=None, help="Use at most this many calibration samples.")
+@click.option(
+    "--teacher",
+    "teacher_path",
+    type=click.Path(dir_okay=False),
+    help="Reference model for reconstruct (default: the model before the first lossy pass).",
+)
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the run report as JSON.")
 @click.option("--external-data/--no-external-data", default=None, help="Store weights in OUT.onnx.data (default: only when over 2 GB).")
 @click.option(
@@ -205,6 +211,7 @@ class OptimizeRequest:
     calib: str | None
     calib_preprocess: str | None
     calib_limit: int | None
+    teacher_path: str | None
     report_path: str | None
     external_data: bool | None
     engine_path: str | None
@@ -235,8 +242,11 @@ def _optimize(req: OptimizeRequest) -> None:
     shapes = parse_shape_overrides(req.input_shapes)
     model = _load_checked(req.input_path)
     calibration = _calibration(req, model, shapes)
+    teacher = _load_checked(req.teacher_path) if req.teacher_path else None
     mode = "each" if req.debug else ("end" if req.verify else "off")
-    manager = PassManager(steps, target=req.target, verify=mode, progress=_progress(req.quiet), opset=req.opset, calibration=calibration)
+    manager = PassManager(
+        steps, target=req.target, verify=mode, progress=_progress(req.quiet), opset=req.opset, calibration=calibration, teacher=teacher
+    )
     if mode != "off":
         manager.verifier = Verifier.from_model(model, inputs=req.inputs_path, input_shapes=shapes)
     result = manager.run(model)

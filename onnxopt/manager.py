@@ -54,7 +54,9 @@ class PassManager:
     (compare after every changing pass). ``verifier`` supplies inputs and reference
     outputs (see :class:`onnxopt.verify.Verifier`); one is built from the input specs
     when needed and not given. ``isolate`` rolls back a pass that fails or breaks the
-    graph and continues; without it such a pass stops the run with an error.
+    graph and continues; without it such a pass stops the run with an error. ``teacher`` is the
+    reference model of passes that re-fit to one (``reconstruct``); by default it is a copy of the
+    model taken just before the first lossy pass (or before the first pass that needs it).
     """
 
     steps: list[Step]
@@ -66,8 +68,10 @@ class PassManager:
     stats_per_pass: bool = True
     calibration: Any = None
     opset: int | None = None
+    teacher: ModelProto | None = None
     _report: Report = field(default_factory=Report, init=False)
     _can_checkpoint: bool = field(default=True, init=False)
+    _needs_teacher: bool = field(default=False, init=False)
 
     @classmethod
     def from_spec(cls, passes: str | Sequence[Any], **kwargs: Any) -> PassManager:
@@ -111,7 +115,8 @@ class PassManager:
         """Optimize ``model`` in place and return it with the report."""
         started = time.perf_counter()
         report = self._report = Report()
-        ctx = PassContext(model, target=self.target, calibration=self.calibration)
+        ctx = PassContext(model, target=self.target, calibration=self.calibration, teacher=self.teacher)
+        self._needs_teacher = self.teacher is None and any(Requirement.TEACHER in p.requires for p in self._passes())
         report.before = analyze(model, ctx.types)
         self._can_checkpoint = payload_bytes(model) <= CHECKPOINT_LIMIT
         if self.verify != "off" and self.verifier is None:
@@ -146,6 +151,9 @@ class PassManager:
         model = ctx.model
         if self.progress:
             self.progress(p.name, -1, -1)
+        if self._needs_teacher and ctx.teacher is None and (p.lossy or Requirement.TEACHER in p.requires):
+            ctx.teacher = ModelProto()
+            ctx.teacher.CopyFrom(model)
         checkpoint = None
         if self.isolate and self._can_checkpoint:
             checkpoint = ModelProto()

@@ -33,6 +33,7 @@ class Requirement(str, enum.Enum):
     SHAPES = "shapes"
     CALIBRATION = "calibration"
     TARGET = "target"
+    TEACHER = "teacher"
 
 
 Target = Literal["portable", "trt", "ort-cpu", "ort-gpu"]
@@ -72,12 +73,14 @@ class PassContext:
     """What the manager gives a pass: the run's settings and lazily computed facts.
 
     ``types`` holds inferred value types for every graph; the manager recomputes them after
-    a pass that modified the model unless that pass declares ``preserves_types``.
+    a pass that modified the model unless that pass declares ``preserves_types``. ``teacher``
+    (for passes that require it) is the model as it was before the run's first lossy pass.
     """
 
     model: ModelProto
     target: str = "portable"
     calibration: Any = None
+    teacher: ModelProto | None = None
     _types: dict | None = None
     _names: NameGenerator | None = None
     _scopes: list[GraphScope] | None = None
@@ -252,6 +255,8 @@ class Pass:
       * ``preserves_types``: post-condition; every value that survives keeps its type and
         shape, so the manager may keep its cached type inference.
       * ``recurse``: whether ``run_graph`` is called for subgraphs too.
+      * ``lossy``: the pass changes what the model computes (quantization, pruning,
+        factorization); the teacher of later passes is the model before the first one.
     """
 
     name: ClassVar[str] = ""
@@ -259,6 +264,7 @@ class Pass:
     requires: ClassVar[frozenset[Requirement]] = frozenset()
     preserves_types: ClassVar[bool] = True
     recurse: ClassVar[bool] = True
+    lossy: ClassVar[bool] = False
 
     def __init__(self, options: PassOptions | None = None, **kwargs: Any) -> None:
         if options is not None and kwargs:

@@ -132,6 +132,7 @@ class FP16(Pass):
     """
 
     name = "fp16"
+    lossy = True
     preserves_types = False
     recurse = False
 

@@ -186,6 +186,7 @@ class QuantizeQDQ(Pass):
     """
 
     name = PASS_NAME
+    lossy = True
     Options = QdqOptions
     requires = frozenset({Requirement.CALIBRATION, Requirement.SHAPES})
     preserves_types = False

@@ -20,6 +20,7 @@ import numpy as np
 from onnx import ModelProto, NodeProto, helper, numpy_helper
 
 from onnxopt.calibration import collect_stats
+from onnxopt.calibration.fidelity import output_error, run_batches
 from onnxopt.graph import NameGenerator
 from onnxopt.passbase import PassResult
 
@@ -35,25 +36,6 @@ INT32_MAX = 2**31 - 1
 # ----------------------------------------------------------------------------- sensitivity
 
 
-def output_error(reference: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> float:
-    """Mean over batches of 1 - cosine between all outputs (flattened together) of two runs."""
-    errors = []
-    for ref, out in zip(reference, got):
-        a = np.concatenate([r.astype(np.float64).ravel() for r in ref])
-        b = np.concatenate([o.astype(np.float64).ravel() for o in out])
-        norm = float(np.linalg.norm(a) * np.linalg.norm(b))
-        cos = float(np.dot(a, b)) / norm if norm > 0 else float(np.array_equal(a, b))
-        errors.append(max(0.0, 1.0 - cos))
-    return float(np.mean(errors)) if errors else 0.0
-
-
-def _run(model: ModelProto, feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
-    from onnxopt.verify import create_session
-
-    session = create_session(model, optimize=True)
-    return [session.run(None, f) for f in feeds]
-
-
 def rank_layers(builder: Builder) -> tuple[list[tuple[float, int]], list[dict[str, np.ndarray]], list[list[np.ndarray]]]:
     """(error, position) of each quantizable layer quantized alone, most sensitive first; also the feeds and float outputs used."""
     feeds = []
@@ -61,13 +43,13 @@ def rank_layers(builder: Builder) -> tuple[list[tuple[float, int]], list[dict[st
         feeds.append(feeds_)
         if len(feeds) >= SENSITIVITY_BATCHES:
             break
-    reference = _run(builder.float_model, feeds)
+    reference = run_batches(builder.float_model, feeds)
     positions = builder.candidates()
     everything = frozenset(positions)
     ranking = []
     for pos in positions:
         model, _, _ = builder.build(everything - {pos})
-        ranking.append((output_error(reference, _run(model, feeds)), pos))
+        ranking.append((output_error(reference, run_batches(model, feeds)), pos))
     ranking.sort(key=lambda item: (-item[0], item[1]))
     return ranking, feeds, reference
 
@@ -84,7 +66,7 @@ def choose_float_layers(builder: Builder, result: PassResult) -> frozenset[int]:
         while True:
             keep = frozenset(pos for _, pos in ranking[:count])
             model, _, _ = builder.build(keep, weights=True)
-            full_error = output_error(reference, _run(model, feeds))
+            full_error = output_error(reference, run_batches(model, feeds))
             if full_error <= options.max_error or count >= len(ranking):
                 break
             count += 1

@@ -531,6 +531,7 @@ class WeightOnlyQuantize(Pass):
     """
 
     name = PASS_NAME
+    lossy = True
     Options = WoqOptions
     requires = frozenset({Requirement.SHAPES})
     preserves_types = False

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import init, make_model, tensor_input
-from onnx import helper
+from onnx import helper, numpy_helper
 
 import onnxopt
 from onnxopt.errors import OnnxoptError, VerificationError
 from onnxopt.graph import GraphScope
 from onnxopt.manager import PassManager
-from onnxopt.passbase import Pass, PassContext, PassResult
+from onnxopt.passbase import Pass, PassContext, PassResult, Requirement
 from onnxopt.pipeline import FixpointGroup
 
 
@@ -275,3 +275,54 @@ def test_each_record_keeps_its_pass_notes():
     records = [r for r in result.report.passes if r.name == "test_notes_every_run"]
     assert records and all(r.notes == ["the same note"] for r in records)
     assert result.report.to_dict()["passes"][-1]["notes"] == ["the same note"]
+
+
+class RecordsTeacher(Pass):
+    """Test pass needing a teacher: records the teacher's Add constant."""
+
+    name = "test_records_teacher"
+    requires = frozenset({Requirement.TEACHER})
+    seen: list = []
+
+    def run(self, model, ctx: PassContext) -> PassResult:
+        RecordsTeacher.seen.append(None if ctx.teacher is None else numpy_helper.to_array(ctx.teacher.graph.initializer[0]).copy())
+        return PassResult()
+
+
+class ScalesWeight(Pass):
+    """Test lossy pass: doubles the Add constant."""
+
+    name = "test_scales_weight"
+    lossy = True
+
+    def run(self, model, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        w = model.graph.initializer[0]
+        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 2, w.name))
+        result.count("scaled")
+        return result
+
+
+def test_teacher_is_the_model_before_the_first_lossy_pass():
+    RecordsTeacher.seen.clear()
+    model = _chain_model()
+    PassManager([ScalesWeight(), ScalesWeight(), RecordsTeacher()]).run(model)
+    assert np.array_equal(RecordsTeacher.seen[-1], np.ones((2, 3), np.float32))
+    assert np.array_equal(numpy_helper.to_array(model.graph.initializer[0]), 4 * np.ones((2, 3), np.float32))
+
+
+def test_teacher_without_lossy_pass_and_explicit_teacher():
+    RecordsTeacher.seen.clear()
+    PassManager([RecordsTeacher(), ScalesWeight()]).run(_chain_model())
+    assert np.array_equal(RecordsTeacher.seen[-1], np.ones((2, 3), np.float32))
+    given = _chain_model()
+    given.graph.initializer[0].CopyFrom(init("w", np.full((2, 3), 7, np.float32)))
+    PassManager([ScalesWeight(), RecordsTeacher()], teacher=given).run(_chain_model())
+    assert np.array_equal(RecordsTeacher.seen[-1], np.full((2, 3), 7, np.float32))
+
+
+def test_no_teacher_copy_when_no_pass_needs_one():
+    RecordsTeacher.seen.clear()
+    manager = PassManager([ScalesWeight()])
+    manager.run(_chain_model())
+    assert not manager._needs_teacher
