@@ -17,6 +17,7 @@ from onnxopt.passes import (  # noqa: F401
     fuse_softmax,
     noops,
     opset,
+    prune,
     qdq,
     reshape_shapes,
     shape_inference,

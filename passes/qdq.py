@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -43,6 +43,7 @@ from onnxopt.graph import GraphView, NameGenerator, opset_version
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_patterns, option
 from onnxopt.passes.fusion_support import const_name
 from onnxopt.passes.qdq_placement import Plan, Planner, float_map
+from onnxopt.passes.qdq_rounding import eligible, gptq_int8, layer_hessians, layer_key
 from onnxopt.registry import register_pass
 
 log = logging.getLogger("onnxopt")
@@ -71,6 +72,10 @@ class QdqOptions(PassOptions):
     sensitivity: bool = option(False, "rank layers by the output error when quantized alone (notes: top 10)")
     keep_float: int = option(0, "keep the N most sensitive layers in float (runs the sensitivity ranking)")
     max_error: float = option(0.0, "keep the most sensitive layers float until the output error (1 - cosine) is below this (0: off)")
+    rounding: Literal["nearest", "gptq"] = option(
+        "nearest", "weight rounding: nearest, or gptq (error-compensating, from layer input statistics)"
+    )
+    damp: float = option(0.01, "gptq: Hessian damping as a fraction of its mean diagonal")
 
     def validate(self) -> None:
         """Check the method, percentile, batch sizes and exclusion patterns."""
@@ -88,6 +93,10 @@ class QdqOptions(PassOptions):
             raise OptionError(f"option 'concat_ratio' of {where} must be greater than 1, not {self.concat_ratio}")
         if self.keep_float < 0:
             raise OptionError(f"option 'keep_float' of {where} must not be negative, not {self.keep_float}")
+        if self.rounding not in ("nearest", "gptq"):
+            raise OptionError(f"option 'rounding' of {where} must be nearest or gptq, not '{self.rounding}'")
+        if not 0 < self.damp < 10:
+            raise OptionError(f"option 'damp' of {where} must be in (0, 10), not {self.damp}")
         if not 0 <= self.max_error < 1:
             raise OptionError(f"option 'max_error' of {where} must be in [0, 1), not {self.max_error}")
         check_patterns(PASS_NAME, "exclude", self.exclude)
@@ -242,6 +251,8 @@ class QuantizeQDQ(Pass):
         for name in _concat_guard(plan, stats, options.concat_ratio, result):
             blocked |= planner.downstream(name)
         builder = Builder(float_model, is_float, options, target, blocked, stats, data, method=method, per_channel=per_channel)
+        if options.rounding == "gptq":
+            builder.hessians = _hessians(float_model, view, plan, data, options, result)
         keep: frozenset[int] = frozenset()
         if options.sensitivity or options.keep_float or options.max_error:
             from onnxopt.passes.qdq_sensitivity import choose_float_layers
@@ -285,6 +296,8 @@ class Builder:
         self.blocked, self.stats, self.data, self.method, self.per_channel = blocked, stats, data, method, per_channel
         self.symmetric = target != "ort-cpu"
         self.inputs = frozenset(i.name for i in float_model.graph.input)
+        self.hessians: dict[str, np.ndarray] = {}  # gptq: layer key -> [groups, K, K]
+        self.rounded: dict[tuple[str, int | None], np.ndarray] = {}  # gptq integers, computed once per weight
 
     def planner(self, view: GraphView, keep: frozenset[int] = frozenset(), *, weights: bool = False) -> Planner:
         """The planner of ``view`` with the anchors at positions ``keep`` left float (``weights``: with int8 weights on ort-cpu)."""
@@ -322,8 +335,25 @@ class Builder:
         self.ensure_stats(plan.tensors)
         params = _tensor_params(plan, self.stats, self.method, self.options.percentile, self.symmetric, self.inputs)
         rewrite = _Rewriter(model, view, NameGenerator(model), plan, params, symmetric=self.symmetric, per_channel=self.per_channel)
+        rewrite.gptq = (self.hessians, self.rounded, self.options.damp)
         rewrite.apply(result if result is not None else PassResult())
         return model, plan, rewrite
+
+
+def _hessians(
+    float_model: ModelProto, view: GraphView, plan: Plan, data: Any, options: QdqOptions, result: PassResult
+) -> dict[str, np.ndarray]:
+    """gptq: input Hessians of every quantized layer whose weight GPTQ can round (one calibration sweep)."""
+    layers = []
+    for node in plan.anchors + plan.weight_only:
+        weight = const_name(view, node.input[1]) if len(node.input) > 1 else None
+        if weight is not None and weight.dtype == np.float32 and eligible(node, weight) and node.input[0] not in view.initializers:
+            layers.append((node, tuple(weight.shape)))
+    if not layers:
+        return {}
+    hessians = layer_hessians(float_model, layers, data, batch_size=options.batch_size)
+    result.notes.append(f"qdq: gptq rounding of {len(hessians)} weights")
+    return hessians
 
 
 def _upgrade(model: ModelProto, ctx: PassContext, version: int) -> str | None:
@@ -405,6 +435,7 @@ class _Rewriter:
         self.by_dq: dict[str, QParams] = {}  # DQ output of an activation -> its parameters
         self.int32_biases: dict[str, tuple[np.ndarray, np.ndarray, str]] = {}  # anchor output -> (float bias, scale, int32 initializer)
         self.uint8_constants: dict[str, tuple[np.ndarray, str, str, str]] = {}  # DQ output -> (float value, q, scale, zero initializers)
+        self.gptq: tuple[dict[str, np.ndarray], dict, float] = ({}, {}, 0.01)  # hessians, cache of rounded weights, damping
 
     def _init(self, base: str, array: np.ndarray) -> str:
         name = self.names.fresh(base)
@@ -500,7 +531,7 @@ class _Rewriter:
         key = (name, axis)
         if key not in cache:
             params = weight_params(weight, axis)
-            q_name = self._init(f"{name}_quantized", quantize_weight(weight, params))
+            q_name = self._init(f"{name}_quantized", self._integers(node, weight, params, key))
             cache[key] = (self._dq(q_name, params, name, self.front), params)
             self.replaced.add(name)
             result.count("weights_int8")
@@ -508,6 +539,16 @@ class _Rewriter:
         node.input[1] = dq_out
         if bias and not self.symmetric:
             self._bias(node, params, result)
+
+    def _integers(self, node: NodeProto, weight: np.ndarray, params: QParams, key: tuple[str, int | None]) -> np.ndarray:
+        """int8 values of a weight: GPTQ-rounded when its layer has a Hessian and is the weight's only reader, else nearest."""
+        hessians, rounded, damp = self.gptq
+        hessian = hessians.get(layer_key(node))
+        if hessian is None or len(self.view.consumers.get(key[0], [])) != 1:
+            return quantize_weight(weight, params)
+        if key not in rounded:
+            rounded[key] = gptq_int8(node, weight, params.scale, params.axis, hessian, damp)
+        return rounded[key]
 
     def _bias(self, node: NodeProto, wparams: QParams, result: PassResult) -> None:
         if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or not node.input[2]:

@@ -31,6 +31,7 @@ from onnxopt.graph import GraphScope, GraphView, is_standard, node_label, opset_
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_patterns, option
 from onnxopt.passes.contrib_ops import MS_DOMAIN, MS_VERSION, has_kernel, ort_target
 from onnxopt.passes.fusion_support import elem, import_domain, replace_nodes, unique
+from onnxopt.passes.gptq import gptq_round
 from onnxopt.passes.noop_rules import NoMatch, constant_tensor, get_attr, require
 from onnxopt.registry import register_pass
 from onnxopt.shapes import StaticType, register_standin
@@ -169,44 +170,29 @@ def quantize_blocks(weight: np.ndarray, bits: int, block_size: int, symmetric: b
 def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, symmetric: bool, damp: float = 0.01) -> BlockQuant:
     """GPTQ block quantization of a [K, N] weight given the [K, K] Hessian ``X^T X / n`` of its inputs.
 
-    Rows (input features) are quantized in order; each row's rounding error, weighted by the
-    Cholesky factor of the damped inverse Hessian, is pushed onto the rows not yet quantized, so
-    ``||X W - X Q||`` is minimised greedily. Each block's scale is taken from the block's weights
-    as updated when the block starts. Features never seen (zero Hessian diagonal) get plain rounding.
+    Rows (input features) are rounded in order with the error pushed onto the rows not yet
+    rounded (:func:`onnxopt.passes.gptq.gptq_round`); each block's scale is taken from the block's
+    weights as updated when the block starts. Features never seen (zero Hessian diagonal) get plain rounding.
     """
     dtype = weight.dtype.type
-    w = weight.astype(np.float64).copy()
-    k, n = w.shape
-    h = np.array(hessian, dtype=np.float64, copy=True)
-    dead = np.diag(h) <= 0
-    h[dead, :] = 0.0
-    h[:, dead] = 0.0
-    h[dead, dead] = 1.0
-    h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
-    try:
-        upper = np.linalg.cholesky(np.linalg.inv(h)).T  # H^-1 = U^T U
-    except np.linalg.LinAlgError as exc:
-        raise OnnxoptError(f"woq: gptq: the damped Hessian is not positive definite ({exc}); raise 'damp'") from None
+    k, n = weight.shape
     blocks = -(-k // block_size)
-    q = np.empty((k, n), np.int16)
     scales = np.empty((blocks, n), np.float32)
     zeros = None if symmetric else np.empty((blocks, n), np.int16)
-    for b in range(blocks):
-        start, stop = b * block_size, min(k, (b + 1) * block_size)
-        scale, zero = _block_params(w[start:stop].astype(np.float32), bits, symmetric, dtype)
-        scales[b] = scale
+
+    def make_rounder(start: int, stop: int, rows: np.ndarray):
+        scale, zero = _block_params(rows.astype(np.float32), bits, symmetric, dtype)
+        scales[start // block_size] = scale
         if zeros is not None:
-            zeros[b] = zero
-        errors = np.empty((stop - start, n))
-        for i in range(start, stop):
-            row = w[i].astype(np.float32)
-            q[i] = _round(row, scale, zero, bits)
-            error = (w[i] - _dequant(q[i], scale, zero)) / upper[i, i]
-            if i + 1 < stop:
-                w[i + 1 : stop] -= np.outer(upper[i, i + 1 : stop], error)
-            errors[i - start] = error
-        if stop < k:
-            w[stop:] -= upper[start:stop, stop:].T @ errors
+            zeros[start // block_size] = zero
+
+        def rounder(_: int, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            q = _round(row.astype(np.float32), scale, zero, bits)
+            return q, _dequant(q, scale, zero)
+
+        return rounder
+
+    q = gptq_round(weight, hessian, make_rounder, block=block_size, damp=damp, what="woq: gptq")
     return BlockQuant(q, scales.astype(dtype), zeros, bits, block_size)
 
 

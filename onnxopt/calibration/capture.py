@@ -186,7 +186,7 @@ def gram_matrices(
     for values in stream_values(model, list(layers), data, batch_size=batch_size, limit=limit):
         for name, (node, weight_shape) in layers.items():
             x = layer_rows(node, np.asarray(values[name], dtype=np.float64), weight_shape)
-            gram = np.einsum("grk,grl->gkl", x, x)
+            gram = np.matmul(x.transpose(0, 2, 1), x)  # batched BLAS (einsum does not use it)
             sums[name] = sums[name] + gram if name in sums else gram
             rows[name] = rows.get(name, 0) + x.shape[1]
     return {name: sums[name] / max(rows[name], 1) for name in sums}

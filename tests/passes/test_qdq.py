@@ -367,6 +367,8 @@ def test_already_quantized_is_left_alone() -> None:
         ("exclude=(", "bad regex"),
         ("keep_float=-1", "option 'keep_float'"),
         ("max_error=1.5", "option 'max_error'"),
+        ("rounding=adaround", "option 'rounding'"),
+        ("damp=0", "option 'damp'"),
     ],
 )
 def test_bad_options(options: str, message: str) -> None:
@@ -564,3 +566,80 @@ def test_real_models_load_and_run(name: str) -> None:
         for key in ref:
             a, b = ref[key].ravel().astype(np.float64), got[key].ravel().astype(np.float64)
             assert float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))) > 0.9, (name, target)
+
+
+# ----------------------------------------------------------------------------- gptq rounding
+
+
+def correlated(samples: int, channels: int, seed: int, spatial: tuple[int, ...] = (6, 6)) -> np.ndarray:
+    """Inputs whose channels are strongly correlated (a few latent factors plus small noise)."""
+    rng = np.random.default_rng(seed)
+    mix = np.random.default_rng(99).standard_normal((channels, 2))
+    latent = rng.standard_normal((samples, 2, *spatial))
+    x = np.einsum("ck,nk...->nc...", mix, latent) + 0.05 * rng.standard_normal((samples, channels, *spatial))
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize(("op", "group", "trans_b"), [("Conv", 1, 0), ("Conv", 2, 0), ("Gemm", 1, 1), ("Gemm", 1, 0), ("MatMul", 1, 0)])
+def test_gptq_int8_lowers_layer_error_in_every_layout(op: str, group: int, trans_b: int) -> None:
+    from onnxopt.calibration.capture import layer_rows
+    from onnxopt.passes.qdq import quantize_weight, weight_axis, weight_params
+    from onnxopt.passes.qdq_rounding import gptq_int8
+
+    rng = np.random.default_rng(4)
+    if op == "Conv":
+        node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], group=group)
+        weight = rng.standard_normal((6, 8 // group, 3, 3)).astype(np.float32)
+        x = correlated(4, 8, seed=1)
+    else:
+        node = helper.make_node(op, ["x", "w"], ["y"], **({"transB": trans_b} if op == "Gemm" else {}))
+        weight = rng.standard_normal((6, 8) if trans_b else (8, 6)).astype(np.float32)
+        x = correlated(64, 8, seed=1, spatial=())
+    rows = layer_rows(node, x.astype(np.float64), weight.shape)
+    hessian = np.einsum("grk,grl->gkl", rows, rows) / rows.shape[1]
+    axis = weight_axis(node, weight)
+    params = weight_params(weight, axis)
+    params.scale = params.scale * 8  # coarse steps, so rounding matters
+    near = quantize_weight(weight, params).astype(np.float64)
+    smart = gptq_int8(node, weight, params.scale, axis, hessian, damp=0.01).astype(np.float64)
+    assert smart.dtype == np.float64 and np.abs(smart).max() <= 127
+
+    def error(q: np.ndarray) -> float:
+        shape = [1] * weight.ndim
+        shape[axis] = -1
+        deq = q * params.scale.reshape(shape)
+        if op == "Conv":
+            per = weight.shape[0] // group
+            diffs = [rows[g] @ (weight[g * per : (g + 1) * per] - deq[g * per : (g + 1) * per]).reshape(per, -1).T for g in range(group)]
+            return float(sum(np.sum(d**2) for d in diffs))
+        diff = (weight - deq).T if trans_b else weight - deq
+        return float(np.sum((rows[0] @ diff) ** 2))
+
+    assert error(smart) < 0.7 * error(near)
+
+
+def test_gptq_rounding_lowers_model_error_and_keeps_scales() -> None:
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    model = make_model(
+        nodes,
+        [tensor_input("x", [2, 8, 6, 6])],
+        [tensor_input("y", [2, 6, 6, 6])],
+        [init("w", rng.standard_normal((6, 8, 3, 3)).astype(np.float32)), init("b", np.zeros(6, np.float32))],
+    )
+    data = CalibrationData.from_arrays({"x": correlated(32, 8, seed=1)}, model=model)
+    spec = "qdq:method=minmax,per_channel=false,keep_outputs=false,bias_correction=false"
+    near = onnxopt.optimize(model, spec, target="trt", calibration=data, isolate=False).model
+    smart_result = onnxopt.optimize(model, spec + ",rounding=gptq", target="trt", calibration=data, isolate=False)
+    smart = smart_result.model
+    onnx.checker.check_model(smart, full_check=True)
+    assert any("gptq rounding of 1 weights" in w for w in smart_result.report.warnings)
+    feeds = {"x": correlated(2, 8, seed=9)}
+    ref = run_model(model, feeds)["y"]
+    near_err = float(np.mean((run_model(near, feeds)["y"] - ref) ** 2))
+    smart_err = float(np.mean((run_model(smart, feeds)["y"] - ref) ** 2))
+    assert smart_err < near_err
+    scales = lambda m: sorted(v.tobytes() for k, v in inits(m).items() if k.endswith("_scale"))  # noqa: E731
+    assert scales(near) == scales(smart)  # only the integers change
+    again = onnxopt.optimize(model, spec + ",rounding=gptq", target="trt", calibration=data, isolate=False).model
+    assert again.SerializeToString() == smart.SerializeToString()

@@ -1,0 +1,101 @@
+"""Error-compensating (GPTQ) rounding of the ``qdq`` pass's int8 weights.
+
+The Hessian ``X^T X / n`` of each Conv / Gemm / MatMul layer's input rows (im2col for
+convolutions, per group) is measured on calibration data through the float model, with at most
+``ROWS_PER_SAMPLE`` rows per sample kept (a fixed random subset) so wide early convolutions stay
+cheap; the weight is then rounded by :func:`onnxopt.passes.gptq.gptq_round` with the pass's
+per-channel (or per-tensor) scales kept as they are, so only the integers change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from onnx import ModelProto, NodeProto
+
+from onnxopt.calibration.capture import layer_rows, stream_values
+from onnxopt.passes.gptq import gptq_round
+
+ROWS_PER_SAMPLE = 1024
+INT8_MAX = 127
+GPTQ_OPS = frozenset({"Conv", "Gemm", "MatMul"})
+
+
+def _attr(node: NodeProto, name: str, default: int) -> int:
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
+def layer_key(node: NodeProto) -> str:
+    """The key of a layer's Hessian: its first output's name (stable across copies of the model)."""
+    return node.output[0]
+
+
+def eligible(node: NodeProto, weight: np.ndarray) -> bool:
+    """Whether GPTQ applies: a standard Conv, a 2-D Gemm weight, or a 2-D MatMul weight."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in GPTQ_OPS:
+        return False
+    if node.op_type == "Conv":
+        return weight.ndim >= 3
+    if node.op_type == "Gemm":
+        return weight.ndim == 2 and not _attr(node, "transA", 0)
+    return weight.ndim == 2
+
+
+def layer_hessians(
+    model: ModelProto, layers: Iterable[tuple[NodeProto, tuple[int, ...]]], data: Any, *, batch_size: int, limit: int | None = None
+) -> dict[str, np.ndarray]:
+    """``[groups, K, K]`` Hessians of each layer's input rows, keyed by :func:`layer_key`, streamed over ``data``."""
+    layers = list(layers)
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    rng = np.random.default_rng(0)
+    for values in stream_values(model, [n.input[0] for n, _ in layers], data, batch_size=batch_size, limit=limit):
+        for node, shape in layers:
+            x = np.asarray(values[node.input[0]])
+            samples = x if node.op_type == "Conv" else x.reshape(-1, x.shape[-1])[None]
+            for sample in samples:
+                rows = layer_rows(node, sample[None].astype(np.float64) if node.op_type == "Conv" else sample, shape)
+                if rows.shape[1] > ROWS_PER_SAMPLE:
+                    rows = rows[:, np.sort(rng.choice(rows.shape[1], ROWS_PER_SAMPLE, replace=False))]
+                rows = rows.astype(np.float64)
+                gram = np.matmul(rows.transpose(0, 2, 1), rows)
+                key = layer_key(node)
+                sums[key] = sums[key] + gram if key in sums else gram
+                counts[key] = counts.get(key, 0) + rows.shape[1]
+    return {key: sums[key] / max(counts[key], 1) for key in sums}
+
+
+def gptq_int8(node: NodeProto, weight: np.ndarray, scale: np.ndarray, axis: int | None, hessian: np.ndarray, damp: float) -> np.ndarray:
+    """int8 values of ``weight`` (its own layout) rounded by GPTQ with the given per-channel/per-tensor ``scale``."""
+    w = weight.astype(np.float64)
+    if node.op_type == "Conv":
+        groups = hessian.shape[0]
+        per_group = w.shape[0] // groups
+        out = np.empty(w.shape, np.int8)
+        scales = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (w.shape[0],)) if axis is not None else None
+        for g in range(groups):
+            rows = slice(g * per_group, (g + 1) * per_group)
+            kn = w[rows].reshape(per_group, -1).T
+            column_scale = scales[rows] if scales is not None else np.full(per_group, float(scale))
+            out[rows] = _round(kn, hessian[g], column_scale, damp).T.reshape(w[rows].shape)
+        return out
+    trans_b = node.op_type == "Gemm" and _attr(node, "transB", 0)
+    kn = w.T if trans_b else w
+    column_scale = np.asarray(scale, np.float64).reshape(-1) if axis is not None else np.full(kn.shape[1], float(scale))
+    q = _round(kn, hessian[0], column_scale, damp)
+    return q.T if trans_b else q
+
+
+def _round(kn: np.ndarray, hessian: np.ndarray, column_scale: np.ndarray, damp: float) -> np.ndarray:
+    """GPTQ integers of a [K, N] weight with fixed per-column scales, saturated to [-127, 127]."""
+
+    def make_rounder(_start: int, _stop: int, _rows: np.ndarray):
+        def rounder(_: int, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            q = np.clip(np.rint(row / column_scale), -INT8_MAX, INT8_MAX)
+            return q, q * column_scale
+
+        return rounder
+
+    return gptq_round(kn, hessian, make_rounder, damp=damp, int_dtype=np.int8, what="qdq: gptq")
