@@ -26,7 +26,7 @@ from onnxopt.pipeline import FixpointGroup, Step, build_pipeline
 from onnxopt.report import PassRecord, Report
 from onnxopt.toposort import sort_graph
 from onnxopt.validate import check_names
-from onnxopt.verify import require_pass
+from onnxopt.verify import loosest, require_pass
 
 log = logging.getLogger("onnxopt")
 
@@ -72,6 +72,7 @@ class PassManager:
     _report: Report = field(default_factory=Report, init=False)
     _can_checkpoint: bool = field(default=True, init=False)
     _needs_teacher: bool = field(default=False, init=False)
+    _tolerances: set[str] = field(default_factory=set, init=False)  # of the passes that changed the model
 
     @classmethod
     def from_spec(cls, passes: str | Sequence[Any], **kwargs: Any) -> PassManager:
@@ -115,6 +116,7 @@ class PassManager:
         """Optimize ``model`` in place and return it with the report."""
         started = time.perf_counter()
         report = self._report = Report()
+        self._tolerances = set()
         ctx = PassContext(model, target=self.target, calibration=self.calibration, teacher=self.teacher)
         self._needs_teacher = self.teacher is None and any(Requirement.TEACHER in p.requires for p in self._passes())
         report.before = analyze(model, ctx.types)
@@ -178,6 +180,7 @@ class PassManager:
         seen = set(self._report.warnings)  # a note repeated by later fixpoint iterations is reported once
         self._report.warnings.extend(n for n in dict.fromkeys(result.notes) if n not in seen)
         if result.modified:
+            self._tolerances.add(p.tolerance)
             log.info("%s: %s (%.0f ms)", p.name, result.summary(), seconds * 1000)
             if self.verify == "each":
                 self._verify(model, f"pass '{p.name}' (step {step}, iteration {iteration})")
@@ -214,7 +217,7 @@ class PassManager:
         record.weight_bytes, record.flops = stats.weight_bytes, stats.flops
 
     def _verify(self, model: ModelProto, what: str) -> None:
-        result = self.verifier.check(model)
+        result = self.verifier.check(model, loosest(self.verifier.precision, *self._tolerances))
         self._report.verification = result.to_dict()
         require_pass(result, what)
 

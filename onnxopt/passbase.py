@@ -257,6 +257,8 @@ class Pass:
       * ``recurse``: whether ``run_graph`` is called for subgraphs too.
       * ``lossy``: the pass changes what the model computes (quantization, pruning,
         factorization); the teacher of later passes is the model before the first one.
+      * ``tolerance``: the verification precision its output is judged at (``fp32``, ``fp16``,
+        ``int8`` or ``pruned``); verification after a lossy pass uses the loosest so far.
     """
 
     name: ClassVar[str] = ""
@@ -265,6 +267,7 @@ class Pass:
     preserves_types: ClassVar[bool] = True
     recurse: ClassVar[bool] = True
     lossy: ClassVar[bool] = False
+    tolerance: ClassVar[str] = "fp32"
 
     def __init__(self, options: PassOptions | None = None, **kwargs: Any) -> None:
         if options is not None and kwargs:

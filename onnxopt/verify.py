@@ -40,6 +40,13 @@ TOLERANCES: dict[str, Tolerance] = {
     "int8": Tolerance(min_cosine=0.99, min_top1=0.9),
     "pruned": Tolerance(min_cosine=0.98, min_top1=0.85),
 }
+PRECISION_ORDER = ("fp32", "fp16", "int8", "pruned")  # tightest to loosest
+
+
+def loosest(*precisions: str) -> str:
+    """The loosest of known precisions (``fp32`` when none is given)."""
+    known = [p for p in precisions if p in PRECISION_ORDER]
+    return max(known, key=PRECISION_ORDER.index) if known else "fp32"
 
 
 def parse_shape_overrides(items: list[str] | tuple[str, ...]) -> dict[str, tuple[int, ...]]:
@@ -321,9 +328,9 @@ class Verifier:
             raise OnnxoptError(f"cannot verify: the original model does not run ({exc})") from exc
         return cls(feeds, reference, precision, notes)
 
-    def check(self, model: ModelProto) -> VerificationResult:
-        """Run ``model`` on the stored inputs and compare with the reference."""
-        result = compare_outputs(self.reference, run_model(model, self.feeds), self.precision)
+    def check(self, model: ModelProto, precision: str | None = None) -> VerificationResult:
+        """Run ``model`` on the stored inputs and compare with the reference (at ``precision``, default the verifier's)."""
+        result = compare_outputs(self.reference, run_model(model, self.feeds), precision or self.precision)
         result.notes.extend(self.notes)
         return result
 

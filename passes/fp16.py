@@ -133,6 +133,7 @@ class FP16(Pass):
 
     name = "fp16"
     lossy = True
+    tolerance = "fp16"
     preserves_types = False
     recurse = False
 

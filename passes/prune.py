@@ -418,6 +418,7 @@ class Prune(Pass):
 
     name = PASS_NAME
     lossy = True
+    tolerance = "pruned"
     Options = PruneOptions
 
     def run(self, model: ModelProto, ctx: PassContext) -> PassResult:

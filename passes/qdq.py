@@ -196,6 +196,7 @@ class QuantizeQDQ(Pass):
 
     name = PASS_NAME
     lossy = True
+    tolerance = "int8"
     Options = QdqOptions
     requires = frozenset({Requirement.CALIBRATION, Requirement.SHAPES})
     preserves_types = False

@@ -518,6 +518,7 @@ class WeightOnlyQuantize(Pass):
 
     name = PASS_NAME
     lossy = True
+    tolerance = "int8"
     Options = WoqOptions
     requires = frozenset({Requirement.SHAPES})
     preserves_types = False

@@ -163,9 +163,17 @@ def is_2to4(weight: np.ndarray, axis: int) -> bool:
 
 
 def sparse_weights(model: ModelProto) -> tuple[list[str], int]:
-    """Names of Conv/MatMul/Gemm weights that are 2:4 sparse (through a DequantizeLinear too), and how many were eligible."""
+    """Names of Conv/MatMul/Gemm weights that are 2:4 sparse (through a DequantizeLinear too), and how many were eligible.
+
+    Weights are initializers or Constant nodes' ``value`` tensors (exporters such as paddle2onnx use the latter).
+    """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                inits.setdefault(node.output[0], value)
     producers = {o: n for n in graph.node for o in n.output}
     sparse, eligible = [], 0
     for node in graph.node:

@@ -326,3 +326,32 @@ def test_no_teacher_copy_when_no_pass_needs_one():
     manager = PassManager([ScalesWeight()])
     manager.run(_chain_model())
     assert not manager._needs_teacher
+
+
+class NudgesWeight(Pass):
+    """Test lossy pass: adds 1% to the Add constant (fails fp32 tolerance, passes int8)."""
+
+    name = "test_nudges_weight"
+    lossy = True
+    tolerance = "int8"
+
+    def run(self, model, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        w = model.graph.initializer[0]
+        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * np.float32(1.01), w.name))
+        result.count("nudged")
+        return result
+
+
+class NudgesWeightExactly(NudgesWeight):
+    """The same change claiming fp32 exactness (so verification must catch it)."""
+
+    name = "test_nudges_weight_exactly"
+    tolerance = "fp32"
+
+
+def test_verification_uses_the_loosest_tolerance_of_the_passes_that_ran():
+    result = PassManager([NudgesWeight()], verify="end").run(_chain_model())
+    assert result.report.verification["precision"] == "int8" and result.report.verification["passed"]
+    with pytest.raises(VerificationError):
+        PassManager([NudgesWeightExactly()], verify="end").run(_chain_model())

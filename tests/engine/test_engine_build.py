@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 from engine_models import matmul_net, qdq_conv_net, repeated_dim_net
+from onnx import helper
 
 import onnxopt
 from models.build import cnn_with_bn, transformer_block
@@ -134,6 +135,11 @@ def test_sparsity_auto_follows_the_weights(rtx):
     assert is_2to4(np.array([[0, 1, 0, 2], [3, 0, 0, 0]], np.float32), axis=1)
     assert not is_2to4(np.array([[1, 1, 1, 0]], np.float32), axis=1)
     assert sparse_weights(matmul_net(sparse=True)) == (["w1", "w2"], 2)
+    lifted = matmul_net(sparse=True)  # weights as Constant nodes (paddle2onnx's form) count too
+    for tensor in list(lifted.graph.initializer):
+        lifted.graph.node.insert(0, helper.make_node("Constant", [], [tensor.name], value=tensor))
+    del lifted.graph.initializer[:]
+    assert sparse_weights(lifted) == (["w1", "w2"], 2)
     dense = build_engine(matmul_net(), backend=rtx).report
     assert not dense.sparsity["enabled"] and "SPARSE_WEIGHTS" not in dense.flags
     sparse = build_engine(matmul_net(sparse=True), backend=rtx).report
