@@ -484,7 +484,7 @@ class _Rewriter:
         weights: dict[tuple[str, int | None], tuple[str, QParams]] = {}
         for node in view.nodes:
             for index, name in enumerate(node.input):
-                if name in rename and (all_readers or id(node) in readers[name]):
+                if name in rename and ((all_readers and name not in plan.float_path) or id(node) in readers[name]):
                     node.input[index] = rename[name]
         folded: dict[int, NodeProto | None] = {}
         for node in view.nodes:

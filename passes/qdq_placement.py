@@ -45,6 +45,7 @@ class Plan:
     weight_only: list[NodeProto] = field(default_factory=list)  # ort-cpu: output layers with int8 weights and float activations
     removed: set[int] = field(default_factory=set)  # ids of the Mul nodes folded into a DequantizeLinear scale
     layers: list[NodeProto] = field(default_factory=list)  # every quantized Conv/Gemm/MatMul (also act x act) and weight-only layer
+    float_path: set[str] = field(default_factory=set)  # quantized tensors also flowing float to an output: planned readers only
 
     def group_of(self, name: str) -> str:
         """The representative of ``name``'s scale group."""
@@ -177,7 +178,8 @@ class Planner:
                 if self.ort and view.is_constant(node.input[1]) and not any(i in forbidden for i in node.input if i):
                     plan.weight_only.append(node)
                 continue
-            if node.output[0] in keep or any(i in keep for i in node.input if i):
+            # an input on a float path to a graph output (a residual stream) is quantized for this reader only
+            if node.output[0] in keep or any(i in forbidden for i in node.input if i):
                 if (
                     self.ort
                     and node.output[0] in tail
@@ -194,6 +196,8 @@ class Planner:
             for name in node.input[:2]:
                 if self.activation(name):
                     want(name, node)
+                    if name in tail:
+                        plan.float_path.add(name)
         if self.ort:
             self._ort_outputs(plan, anchors, keep, want)
         else:

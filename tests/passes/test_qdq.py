@@ -643,3 +643,27 @@ def test_gptq_rounding_lowers_model_error_and_keeps_scales() -> None:
     assert scales(near) == scales(smart)  # only the integers change
     again = onnxopt.optimize(model, spec + ",rounding=gptq", target="trt", calibration=data, isolate=False).model
     assert again.SerializeToString() == smart.SerializeToString()
+
+
+def residual_stream() -> ModelProto:
+    """x -> LayerNorm -> h; y = h + MatMul(Relu(MatMul(h, w1)), w2): h flows float to the output (a transformer's residual)."""
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "g", "b"], ["h"], name="ln", axis=-1),
+        helper.make_node("MatMul", ["h", "w1"], ["m1"], name="mm1"),
+        helper.make_node("Relu", ["m1"], ["r1"], name="relu"),
+        helper.make_node("MatMul", ["r1", "w2"], ["m2"], name="mm2"),
+        helper.make_node("Add", ["h", "m2"], ["y"], name="residual"),
+    ]
+    inits_ = [init("g", np.ones(16, np.float32)), init("b", np.zeros(16, np.float32))]
+    inits_ += [init("w1", rand(16, 32, scale=0.3)), init("w2", rand(32, 16, scale=0.3))]
+    return make_model(nodes, [tensor_input("x", [4, 16])], [tensor_input("y", [4, 16])], inits_, opset=17)
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "trt"])
+def test_residual_stream_input_is_quantized_for_the_layer_only(target: str) -> None:
+    model = residual_stream()
+    out = quantize(model, target).model
+    mm1 = node_named(out, "mm1")
+    quantized_input(out, mm1, 0)  # the first MatMul of the block reads h through Q/DQ
+    assert node_named(out, "residual").input[0] == "h"  # the residual path to the output stays float
+    check_fidelity(model, out)
