@@ -1,15 +1,21 @@
 """INT8 side by side: onnxopt's ``qdq`` pass and onnxruntime's quantize_static on the real models.
 
-    python benchmarks/quantize.py [--models ppocr_det,ppocr_rec,ppocr_cls,magika] [--runs 30] [--method auto]
+    python benchmarks/quantize.py [--models ppocr_det,ppocr_rec,ppocr_cls,magika,minilm] [--runs 30] [--passes ...]
 
 Both tools calibrate on the same 32 realistic inputs (models/calib_data.py; magika: byte
 features of Python standard library files) and are evaluated on 16 other ones. onnxruntime's
 quantizer runs in a child process (it crashes on some models) in its fast CPU form: QDQ, uint8
 activations, int8 per-channel weights, on the model upgraded to opset 13 (it needs that for
 per-channel) and passed through its own ``quant_pre_process`` (without it, weights stored as
-Constant nodes stay float and are quantized at run time, which is slower than FP32). Latency: onnxruntime CPU, 1 thread, median of ``--runs`` interleaved runs of FP32,
-onnxopt and onnxruntime. Fidelity: det probability-map IoU at 0.3, rec per-step top-1
+Constant nodes stay float and are quantized at run time, which is slower than FP32).
+Latency: onnxruntime CPU, 1 thread, median of ``--runs`` interleaved runs of FP32, onnxopt and
+onnxruntime. Fidelity: det probability-map IoU at 0.3, rec per-step top-1
 agreement, cls / magika top-1 agreement, plus mean cosine of the outputs.
+
+``minilm`` is the MiniLM-size BERT export (torch 2.13, random weights; ``--exports DIR`` holds
+``minilm-dynamo-eager.onnx`` or it is exported there) on real sentences at 128 tokens; its anchor
+is onnxruntime's per-channel dynamic INT8 (quantize_dynamic), its metric the cosine of the
+mean-pooled sentence embeddings (mean and min over the evaluation sentences).
 """
 
 from __future__ import annotations
@@ -28,11 +34,20 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODELS = ("ppocr_det", "ppocr_rec", "ppocr_cls", "magika")
+MODELS = ("ppocr_det", "ppocr_rec", "ppocr_cls", "magika", "minilm")
+EXPORTS = Path("/tmp/exports")
 CALIB, EVAL = 32, 16
 
 
 def _cached(name: str) -> Path:
+    if name == "minilm":
+        path = EXPORTS / "minilm-dynamo-eager.onnx"
+        if not path.exists():
+            from models.exports import export
+
+            EXPORTS.mkdir(parents=True, exist_ok=True)
+            export("dynamo-eager", EXPORTS)
+        return path
     folder = Path.home() / ".cache" / "onnxopt" / "models"
     found = sorted(folder.glob(f"{name}-*.onnx"))
     if not found:
@@ -61,8 +76,10 @@ def magika_inputs(n: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 def inputs(name: str, n: int, seed: int) -> dict[str, np.ndarray]:
     """Realistic feeds for one model."""
-    from models.calib_data import ppocr_inputs
+    from models.calib_data import minilm_inputs, ppocr_inputs
 
+    if name == "minilm":
+        return minilm_inputs(n, seq_len=128, seed=seed)
     return magika_inputs(n, seed) if name == "magika" else ppocr_inputs(name, n, seed)
 
 
@@ -76,9 +93,13 @@ def _distinct_dim_names(model: onnx.ModelProto) -> None:
 
 
 def ort_child(src: str, dst: str, calib: str) -> None:
-    """Child side: onnxruntime's quantize_static (QDQ, uint8 activations, per-channel int8 weights)."""
+    """Child side: onnxruntime's quantize_static (QDQ, uint8 activations, per-channel int8 weights), or quantize_dynamic for minilm."""
     from onnx.version_converter import convert_version
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    if "minilm" in Path(src).name:
+        quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8)
+        return
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     model = onnx.load(src)
@@ -144,8 +165,21 @@ def outputs(sess, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     return result
 
 
-def fidelity(name: str, ref: list[np.ndarray], got: list[np.ndarray]) -> dict[str, float]:
+def _embedding_cosines(ref: list[np.ndarray], got: list[np.ndarray], masks: np.ndarray) -> list[float]:
+    """Cosine of mean-pooled (over real tokens) sentence embeddings, per sentence."""
+    out = []
+    for a, b, mask in zip(ref, got, masks):
+        weights = mask.astype(np.float64)[None, :, None]
+        ea, eb = (a * weights).sum(1).ravel() / weights.sum(), (b * weights).sum(1).ravel() / weights.sum()
+        out.append(float(np.dot(ea, eb) / (np.linalg.norm(ea) * np.linalg.norm(eb) + 1e-12)))
+    return out
+
+
+def fidelity(name: str, ref: list[np.ndarray], got: list[np.ndarray], feeds: dict[str, np.ndarray] | None = None) -> dict[str, float]:
     """The task metric of one model (and mean cosine) between FP32 and INT8 outputs."""
+    if name == "minilm" and feeds is not None:
+        cos = _embedding_cosines(ref, got, feeds["attention_mask"])
+        return {"cosine": float(np.mean(cos)), "min_cosine": float(np.min(cos))}
     cos = [float(np.dot(a.ravel(), b.ravel()) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12)) for a, b in zip(ref, got)]
     out = {"cosine": float(np.mean(cos))}
     if name == "ppocr_det":
@@ -215,7 +249,7 @@ def bench(name: str, runs: int, passes: str, out_dir: Path) -> dict:
         if key == "fp32":
             reference = got
         elif reference is not None:
-            row[f"{key}_fidelity"] = fidelity(name, reference, got)
+            row[f"{key}_fidelity"] = fidelity(name, reference, got, evals)
             row[f"{key}_size_ratio"] = round(path.stat().st_size / src.stat().st_size, 3)
     times = latency(runnable, evals, runs)
     for key in runnable:
@@ -231,9 +265,12 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--passes", default="default,qdq")
+    parser.add_argument("--exports", default=str(EXPORTS), help="folder of the torch exports (minilm)")
     parser.add_argument("--keep", default="", help="folder to keep the quantized models in")
     parser.add_argument("--ort-child", nargs=3, metavar=("SRC", "DST", "CALIB"))
     args = parser.parse_args()
+    global EXPORTS
+    EXPORTS = Path(args.exports)
     if args.ort_child:
         ort_child(*args.ort_child)
         return
