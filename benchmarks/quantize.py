@@ -261,6 +261,7 @@ def bench(name: str, runs: int, passes: str, out_dir: Path) -> dict:
 
 def main() -> None:
     """Command line: see the module docstring."""
+    global EXPORTS  # noqa: PLW0603 - the export folder is a module setting
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--runs", type=int, default=30)
@@ -269,7 +270,6 @@ def main() -> None:
     parser.add_argument("--keep", default="", help="folder to keep the quantized models in")
     parser.add_argument("--ort-child", nargs=3, metavar=("SRC", "DST", "CALIB"))
     args = parser.parse_args()
-    global EXPORTS
     EXPORTS = Path(args.exports)
     if args.ort_child:
         ort_child(*args.ort_child)
