@@ -26,7 +26,10 @@ The pass works on the main graph in four steps, reading before it writes:
    * onnx's own type inference of the node, fed the planned float16 inputs, disagrees with
      the planned output types (a type relation the schema's constraint lists do not show);
    * it is a Sigmoid/HardSigmoid writing a graph output (probabilities below 6e-5 are float16
-     subnormals with few significant bits: a detector's probability map would lose them).
+     subnormals with few significant bits: a detector's probability map would lose them);
+   * it is a QuantizeLinear/DequantizeLinear or reads a DequantizeLinear output (an INT8 layer
+     of the ``qdq`` pass: after ``qdq`` the model is INT8 where quantized and float16 elsewhere,
+     and TensorRT still sees the DQ -> layer patterns it fuses into INT8 kernels).
 
    Resize's ``roi``/``scales`` and GridSample's ``grid`` stay float32 even when the node converts.
 2. *Place values*: every float32 value gets a home type (what its producer writes). Graph inputs
@@ -69,6 +72,7 @@ SMALL_ELEMENTS = 64  # float tensors up to this size that feed or come from shap
 
 # Ops kept in float32 by default: they overflow in fp16 (exp, powers, sums of squares) or need
 # fp32 accuracy (normalization statistics, coordinates, sorting, index generation).
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 DEFAULT_KEEP_FP32: tuple[str, ...] = (
     "CumSum",
     "Exp",
@@ -427,6 +431,8 @@ class _Converter:
             return self._kept(node, "free")
         if node.op_type in self.blocked:
             return self._kept(node, "blocked op type")
+        if node.op_type in QDQ_OPS or any(getattr(self.view.producer.get(i), "op_type", "") == "DequantizeLinear" for i in node.input):
+            return self._kept(node, "int8 layer")  # INT8 where quantized: Q/DQ and their readers stay as the qdq pass wrote them
         if options.keep_nodes and node.name and matches_pattern(node.name, options.keep_nodes):
             return self._kept(node, "keep_nodes")
         if id(node) in variance:

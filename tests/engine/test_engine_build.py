@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 from engine_models import matmul_net, qdq_conv_net, repeated_dim_net
-from onnx import helper
+from onnx import TensorProto, helper
 
 import onnxopt
 from models.build import cnn_with_bn, transformer_block
@@ -61,9 +61,22 @@ def test_int8_qdq_graph(rtx):
 
 
 def test_int8_from_the_qdq_pass(rtx):
-    if "qdq" not in onnxopt.all_passes():
-        pytest.skip("the qdq pass is not registered in this tree")
     model = onnxopt.optimize(cnn_with_bn(), "default,qdq", target="trt", calibration="random").model
+    report = build_engine(model, backend=rtx).report
+    assert report.network["compute_layers"].get("int8 (Q/DQ)", 0) >= 3
+    assert report.network["qdq_layers"] > 0
+
+
+def test_int8_with_fp16_elsewhere(rtx):
+    """qdq then fp16 (target trt): int8 where quantized, fp16 in between; runs in onnxruntime and builds."""
+    from onnxopt.verify import compare_outputs, generate_inputs, run_model
+
+    original = cnn_with_bn()
+    model = onnxopt.optimize(original, "default,qdq,fp16", target="trt", calibration="random").model
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    assert any(t == TensorProto.INT8 for t in inits.values()) and any(t == TensorProto.FLOAT16 for t in inits.values())
+    feeds, _ = generate_inputs(original, None)
+    assert compare_outputs(run_model(original, feeds), run_model(model, feeds), "int8").passed
     report = build_engine(model, backend=rtx).report
     assert report.network["compute_layers"].get("int8 (Q/DQ)", 0) >= 3
     assert report.network["qdq_layers"] > 0
