@@ -128,6 +128,7 @@ class PassManager:
         total = len(self._passes())
         done = 0
         for index, step in enumerate(self.steps, start=1):
+            ctx.later = frozenset(p.name for later in self.steps[index:] for p in _step_passes(later))
             if isinstance(step, FixpointGroup):
                 for iteration in range(1, step.max_iterations + 1):
                     changed = False
@@ -220,6 +221,11 @@ class PassManager:
         result = self.verifier.check(model, loosest(self.verifier.precision, *self._tolerances))
         self._report.verification = result.to_dict()
         require_pass(result, what)
+
+
+def _step_passes(step: Step) -> list[Pass]:
+    """The passes of one step (a fixpoint group's members, or the pass itself)."""
+    return list(step.passes) if isinstance(step, FixpointGroup) else [step]  # type: ignore[list-item]
 
 
 def _check_structure(model: ModelProto) -> None:

@@ -75,12 +75,14 @@ class PassContext:
     ``types`` holds inferred value types for every graph; the manager recomputes them after
     a pass that modified the model unless that pass declares ``preserves_types``. ``teacher``
     (for passes that require it) is the model as it was before the run's first lossy pass.
+    ``later`` names the passes of the run's later steps (a fusion may leave work to one of them).
     """
 
     model: ModelProto
     target: str = "portable"
     calibration: Any = None
     teacher: ModelProto | None = None
+    later: frozenset[str] = frozenset()
     _types: dict | None = None
     _names: NameGenerator | None = None
     _scopes: list[GraphScope] | None = None

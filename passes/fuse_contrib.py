@@ -242,6 +242,10 @@ class FuseContrib(Pass):
         result = PassResult()
         if not ort_target(ctx):
             return result
+        if "qdq" in ctx.later:  # each fusion absorbs a MatMul's bias Add, which onnxruntime fuses into the INT8 MatMul
+            if scope.parent is None:
+                result.notes.append(f"{self.name}: skipped: qdq runs later (its INT8 MatMuls take the bias Adds these fusions absorb)")
+            return result
         view = ctx.view(scope.graph)
         wanted = set(self.options.kinds)  # type: ignore[attr-defined]
         if ctx.target == "ort-cpu" and not self.options.skip_layernorm_on_cpu:  # type: ignore[attr-defined]

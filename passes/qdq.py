@@ -42,6 +42,7 @@ from onnxopt.errors import OnnxoptError, OptionError
 from onnxopt.graph import GraphView, NameGenerator, opset_version
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_patterns, option
 from onnxopt.passes.fusion_support import const_name
+from onnxopt.passes.qdq_gather import quantize_gathers
 from onnxopt.passes.qdq_placement import Plan, Planner, float_map
 from onnxopt.passes.qdq_rounding import eligible, gptq_int8, layer_hessians, layer_key
 from onnxopt.registry import register_pass
@@ -51,6 +52,7 @@ log = logging.getLogger("onnxopt")
 PASS_NAME = "qdq"
 PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis (per-channel scales)
 QDQ_OPSET = 10  # QuantizeLinear/DequantizeLinear exist from opset 10
+EMBEDDING_MIN_SIZE = 65536  # Gather tables at least this large are stored as int8 (option embeddings)
 METHODS = ("auto", *RANGE_METHODS)
 AUTO_METHOD = {"trt": "mse", "portable": "mse", "ort-gpu": "mse", "ort-cpu": "percentile"}
 INT8_MAX = 127
@@ -76,6 +78,9 @@ class QdqOptions(PassOptions):
         "nearest", "weight rounding: nearest, or gptq (error-compensating, from layer input statistics)"
     )
     damp: float = option(0.01, "gptq: Hessian damping as a fraction of its mean diagonal")
+    embeddings: bool = option(
+        True, "ort-cpu/portable: store Gather tables of >= 65536 values as int8 (rows dequantized after lookup)"
+    )
 
     def validate(self) -> None:
         """Check the method, percentile, batch sizes and exclusion patterns."""
@@ -266,6 +271,8 @@ class QuantizeQDQ(Pass):
             from onnxopt.passes.qdq_sensitivity import correct_biases
 
             correct_biases(model, final_plan, rewriter, builder, result)
+        if options.embeddings and target != "trt":
+            quantize_gathers(model, EMBEDDING_MIN_SIZE, result)
         if getattr(ctx.calibration, "random", False):
             result.notes.append("qdq: calibrated on random data: the scales are for testing only")
         result.notes.append(f"qdq: {method} calibration, {'int8 symmetric' if symmetric else 'uint8 asymmetric'} activations")

@@ -355,3 +355,21 @@ def test_verification_uses_the_loosest_tolerance_of_the_passes_that_ran():
     assert result.report.verification["precision"] == "int8" and result.report.verification["passed"]
     with pytest.raises(VerificationError):
         PassManager([NudgesWeightExactly()], verify="end").run(_chain_model())
+
+
+class RecordsLater(Pass):
+    """Test pass: records which passes run after it."""
+
+    name = "test_records_later"
+    seen: list = []
+
+    def run(self, model, ctx: PassContext) -> PassResult:
+        RecordsLater.seen.append(ctx.later)
+        return PassResult()
+
+
+def test_context_names_the_passes_of_later_steps():
+    RecordsLater.seen.clear()
+    PassManager([RecordsLater(), FixpointGroup([RecordsLater(), ScalesWeight()]), ScalesWeight()]).run(_chain_model())
+    assert RecordsLater.seen[0] == {"test_records_later", "test_scales_weight"}
+    assert RecordsLater.seen[1] == {"test_scales_weight"}

@@ -525,3 +525,14 @@ def test_tiny_bert_export(attn: str, tmp_path) -> None:  # noqa: ANN001
         mask[1:, seq // 2 :] = 0
         feed = {"input_ids": rng.integers(0, 100, (batch, seq)).astype(np.int64), "attention_mask": mask}
         assert_equivalent(model, result.model, feed)
+
+
+def test_left_unfused_when_qdq_follows() -> None:
+    """A later qdq pass quantizes every MatMul of the attention (projections and scores): no fused op."""
+    model = attention()
+    result = onnxopt.optimize(model, "fuse_attention,qdq", target="ort-cpu", calibration="random", isolate=False)
+    assert not any(n.domain == "com.microsoft" for n in result.model.graph.node)
+    assert any("left unfused" in w for w in result.report.warnings)
+    producers = {o: n.op_type for n in result.model.graph.node for o in n.output}
+    matmuls = [n for n in result.model.graph.node if n.op_type == "MatMul"]
+    assert sum(producers.get(n.input[1]) == "DequantizeLinear" for n in matmuls) >= 5  # weights and attention scores

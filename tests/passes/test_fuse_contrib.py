@@ -387,3 +387,11 @@ def test_skip_layernorm_is_opt_in_on_ort_cpu_only():
     fused = run(model, PASS_ALL).model
     assert "com.microsoft:SkipLayerNormalization" in ops(fused)
     assert_equivalent(model, fused)
+
+
+def test_left_for_a_later_qdq() -> None:
+    """With qdq later in the run, the bias Add stays next to the MatMul (onnxruntime fuses it into the INT8 MatMul)."""
+    model = biased_gelu("erf", opset=17)
+    result = onnxopt.optimize(model, "fuse_activations,fuse_contrib,qdq", target="ort-cpu", calibration="random", isolate=False)
+    assert not any(n.domain == "com.microsoft" and n.op_type in ("BiasGelu", "FastGelu") for n in result.model.graph.node)
+    assert any("skipped: qdq runs later" in w for w in result.report.warnings)

@@ -667,3 +667,43 @@ def test_residual_stream_input_is_quantized_for_the_layer_only(target: str) -> N
     quantized_input(out, mm1, 0)  # the first MatMul of the block reads h through Q/DQ
     assert node_named(out, "residual").input[0] == "h"  # the residual path to the output stays float
     check_fidelity(model, out)
+
+
+def embedding_model(shared: bool = False) -> ModelProto:
+    """ids -> Gather(table [1024, 64]) -> MatMul(w) -> y; ``shared``: the table is also read by a second MatMul."""
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+        helper.make_node("MatMul", ["e", "w"], ["y"], name="proj"),
+    ]
+    outputs = [tensor_input("y", [2, 5, 16])]
+    if shared:
+        nodes.append(helper.make_node("MatMul", ["e", "table_t"], ["z"], name="head"))
+        nodes.insert(0, helper.make_node("Transpose", ["table"], ["table_t"], name="tie"))
+        outputs.append(tensor_input("z", [2, 5, 1024]))
+    inits_ = [init("table", rand(1024, 64, scale=0.02)), init("w", rand(64, 16))]
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 5])
+    return make_model(nodes, [ids], outputs, inits_, opset=17)
+
+
+def test_embedding_table_is_stored_as_int8() -> None:
+    model = embedding_model()
+    ids = np.random.default_rng(0).integers(0, 1024, (16, 5)).astype(np.int64)
+    data = CalibrationData.from_arrays({"ids": ids}, model=model)
+    out = onnxopt.optimize(model, "qdq:method=minmax", target="ort-cpu", calibration=data, isolate=False).model
+    values = inits(out)
+    assert "table" not in values and values["table_quantized"].dtype == np.int8
+    gather = node_named(out, "embed")
+    assert producers(out)[readers(out, gather.output[0])[0].output[0]].op_type == "DequantizeLinear"
+    assert out.ByteSize() < 0.4 * model.ByteSize()
+    feeds = {"ids": ids[:2]}
+    a, b = run_model(model, feeds)["y"].ravel(), run_model(out, feeds)["y"].ravel()
+    assert float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))) > 0.99
+    trt = onnxopt.optimize(model, "qdq:method=minmax", target="trt", calibration=data, isolate=False).model
+    assert inits(trt)["table"].dtype == np.float32  # TensorRT: the table stays float
+
+
+def test_shared_embedding_table_stays_float() -> None:
+    model = embedding_model(shared=True)
+    data = CalibrationData.from_arrays({"ids": np.zeros((8, 5), np.int64)}, model=model)
+    out = onnxopt.optimize(model, "qdq:method=minmax", target="ort-cpu", calibration=data, isolate=False).model
+    assert inits(out)["table"].dtype == np.float32
