@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from onnxopt.errors import InvalidModelError, OnnxoptError
+from onnxopt.errors import InvalidModelError, OnnxoptError, OptionError
 
 log = logging.getLogger("onnxopt")
 
@@ -170,6 +170,13 @@ def _list_passes_callback(ctx: click.Context, _param, value: bool) -> None:
 )
 @click.option("--calib-limit", type=click.IntRange(1), default=None, help="Use at most this many calibration samples.")
 @click.option(
+    "--max-error",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=None,
+    help="qdq: keep the most sensitive layers float until the output error (1 - cosine) is below this; the ranking is reported.",
+)
+@click.option("--keep-float", type=click.IntRange(0), default=None, help="qdq: keep the N most sensitive layers float.")
+@click.option(
     "--teacher",
     "teacher_path",
     type=click.Path(dir_okay=False),
@@ -211,6 +218,8 @@ class OptimizeRequest:
     calib: str | None
     calib_preprocess: str | None
     calib_limit: int | None
+    max_error: float | None
+    keep_float: int | None
     teacher_path: str | None
     report_path: str | None
     external_data: bool | None
@@ -239,6 +248,7 @@ def _optimize(req: OptimizeRequest) -> None:
     if req.output_path and _same_file(f"{req.input_path}.data", f"{req.output_path}.data"):
         raise OnnxoptError("the output's data file would overwrite the input's; choose another path")
     steps = build_pipeline(req.passes)  # reject bad pass strings before loading anything
+    _apply_qdq_flags(req, steps)
     shapes = parse_shape_overrides(req.input_shapes)
     model = _load_checked(req.input_path)
     calibration = _calibration(req, model, shapes)
@@ -264,6 +274,16 @@ def _optimize(req: OptimizeRequest) -> None:
             log.warning("%s", warning)
     if req.engine_path:
         _build_after_optimize(req, result.model, shapes)
+
+
+def _apply_qdq_flags(req: OptimizeRequest, steps: list) -> None:
+    """``--max-error`` / ``--keep-float``: shorthands for the qdq pass's options (an error without a qdq pass)."""
+    from onnxopt.pipeline import set_pass_options
+
+    values = {k: v for k, v in (("max_error", req.max_error), ("keep_float", req.keep_float)) if v is not None}
+    if values and not set_pass_options(steps, "qdq", **values):
+        flags = " and ".join(f"--{k.replace('_', '-')}" for k in values)
+        raise OptionError(f"{flags} set options of the qdq pass, which is not in --passes")
 
 
 def _build_after_optimize(req: OptimizeRequest, model, shapes: dict) -> None:  # noqa: ANN001

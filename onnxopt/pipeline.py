@@ -8,8 +8,10 @@ token containing '=' (and no ':' before it) continues the previous pass's option
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from onnxopt.errors import OptionError
 from onnxopt.passbase import Pass
@@ -110,3 +112,19 @@ def _single(text: str) -> PassSpec:
     if len(specs) != 1:
         raise OptionError(f"'{text}' names several passes; give them as separate list items")
     return specs[0]
+
+
+def set_pass_options(steps: Sequence[Step], pass_name: str, **values: Any) -> int:
+    """Set (and validate) options on every ``pass_name`` instance in ``steps``; returns how many were set.
+
+    Used by CLI flags that are shorthands for pass options (``--max-error`` sets qdq's ``max_error``).
+    """
+    count = 0
+    for step in steps:
+        for p in step.passes if isinstance(step, FixpointGroup) else [step]:
+            if p.name == pass_name:
+                current = {f.name: getattr(p.options, f.name) for f in dataclasses.fields(p.options)}
+                fields = {**current, **values}
+                p.options = type(p.options).create(pass_name, **fields)
+                count += 1
+    return count

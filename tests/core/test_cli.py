@@ -162,3 +162,17 @@ def test_python_api_takes_calibration(model_path):
     assert any("random data" in w for w in result.report.warnings)
     good = onnxopt.optimize(str(model_path), "cleanup", calibration={"x": np.ones((4, 3), np.float32)})
     assert not any("random data" in w for w in good.report.warnings)
+
+
+def test_keep_float_and_max_error_flags_set_the_qdq_options(tmp_path):
+    from models.build import cnn_with_bn
+
+    path, out, report = tmp_path / "cnn.onnx", tmp_path / "out.onnx", tmp_path / "report.json"
+    onnx.save(cnn_with_bn(), str(path))
+    result = _run(path, out, "--passes", "default,qdq", "--target", "ort-cpu", "--calib", "random", "--keep-float", "1", "--report", report)
+    assert result.exit_code == 0, result.output
+    notes = [n for p in json.loads(report.read_text())["passes"] if p["name"] == "qdq" for n in p.get("notes", [])]
+    assert any("kept float: 1" in n for n in notes) and any("sensitivity #1" in n for n in notes)
+    result = _run(path, out, "--passes", "default", "--max-error", "0.01")
+    assert result.exit_code != 0 and "qdq pass, which is not in --passes" in result.output
+    assert "Traceback" not in result.output
