@@ -78,9 +78,7 @@ class QdqOptions(PassOptions):
         "nearest", "weight rounding: nearest, or gptq (error-compensating, from layer input statistics)"
     )
     damp: float = option(0.01, "gptq: Hessian damping as a fraction of its mean diagonal")
-    embeddings: bool = option(
-        True, "ort-cpu/portable: store Gather tables of >= 65536 values as int8 (rows dequantized after lookup)"
-    )
+    embeddings: bool = option(True, "ort-cpu/portable: store Gather tables of >= 65536 values as int8 (rows dequantized after lookup)")
 
     def validate(self) -> None:
         """Check the method, percentile, batch sizes and exclusion patterns."""
