@@ -27,6 +27,9 @@ import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from timing import latency, session  # noqa: E402  (benchmarks/timing.py)
 
 MODELS = ("resnet50", "ppocr_det")
 CALIB, EVAL = 32, 16
@@ -57,16 +60,6 @@ def inputs(name: str, n: int, seed: int, size: int | None = None) -> dict[str, n
     return ppocr_inputs("ppocr_det", n, seed, size=(side, side))
 
 
-def session(path: Path):
-    """A 1-thread onnxruntime CPU session with the default (full) graph optimizations."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def outputs(sess, feeds: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
     """All outputs of every sample, run one at a time."""
     count = len(next(iter(feeds.values())))
@@ -86,22 +79,6 @@ def fidelity(name: str, ref: list[list[np.ndarray]], got: list[list[np.ndarray]]
         union = sum(float(np.logical_or(a[0] > 0.3, b[0] > 0.3).sum()) for a, b in zip(ref, got))
         out["iou@0.3"] = round(inter / max(union, 1.0), 4)
     return out
-
-
-def latency(paths: dict[str, Path], feeds: dict[str, np.ndarray], runs: int) -> dict[str, float]:
-    """Median seconds per run of each model, runs interleaved (one of each per round)."""
-    sessions = {k: session(p) for k, p in paths.items()}
-    one = {k: v[:1] for k, v in feeds.items()}
-    for sess in sessions.values():
-        for _ in range(3):
-            sess.run(None, one)
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(runs):
-        for key, sess in sessions.items():
-            start = time.perf_counter()
-            sess.run(None, one)
-            times[key].append(time.perf_counter() - start)
-    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def recount(model: onnx.ModelProto, shape_feeds: dict[str, np.ndarray]) -> tuple[int, int]:

@@ -33,6 +33,9 @@ import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from timing import latency, session  # noqa: E402  (benchmarks/timing.py)
 
 MODELS = ("ppocr_det", "ppocr_rec", "ppocr_cls", "magika", "minilm")
 EXPORTS = Path("/tmp/exports")
@@ -146,16 +149,6 @@ def run_ort_quantizer(src: Path, dst: Path, calib: dict[str, np.ndarray], tmp: P
     return "ok"
 
 
-def session(path: Path):
-    """A 1-thread onnxruntime CPU session with the default (full) graph optimizations."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def outputs(sess, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Outputs of every sample, run one at a time."""
     count = len(next(iter(feeds.values())))
@@ -190,22 +183,6 @@ def fidelity(name: str, ref: list[np.ndarray], got: list[np.ndarray], feeds: dic
         agree = [np.mean(a.argmax(-1) == b.argmax(-1)) for a, b in zip(ref, got)]
         out["top1"] = float(np.mean(agree))
     return out
-
-
-def latency(paths: dict[str, Path], feeds: dict[str, np.ndarray], runs: int) -> dict[str, float]:
-    """Median seconds per run of each model, runs interleaved (one of each per round)."""
-    sessions = {k: session(p) for k, p in paths.items()}
-    one = {k: v[:1] for k, v in feeds.items()}
-    for sess in sessions.values():
-        for _ in range(3):
-            sess.run(None, one)
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(runs):
-        for key, sess in sessions.items():
-            start = time.perf_counter()
-            sess.run(None, one)
-            times[key].append(time.perf_counter() - start)
-    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def bench(name: str, runs: int, passes: str, out_dir: Path) -> dict:
