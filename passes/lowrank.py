@@ -46,6 +46,8 @@ from onnxopt.passbase import (
     option,
 )
 from onnxopt.passes.fusion_support import replace_nodes, unique
+from onnxopt.passes.layer_skip import LayerSkipped as Skip
+from onnxopt.passes.layer_skip import require_layer as _require
 from onnxopt.passes.lowrank_factor import (
     Spectrum,
     Tucker2,
@@ -272,20 +274,6 @@ def saves_enough(layer: Layer, choice: Choice, min_saving: float) -> bool:
 
 
 # ----------------------------------------------------------------------------- matching
-
-
-class Skip(Exception):
-    """A layer left alone: the count key and a short reason."""
-
-    def __init__(self, kind: str, reason: str) -> None:
-        super().__init__(reason)
-        self.kind = kind
-        self.reason = reason
-
-
-def _require(condition: bool, kind: str, reason: str) -> None:
-    if not condition:
-        raise Skip(kind, reason)
 
 
 def weight_matrices(node: NodeProto, array: np.ndarray) -> np.ndarray:

@@ -35,6 +35,8 @@ from onnxopt.errors import OptionError
 from onnxopt.graph import GraphScope, GraphView, is_standard, node_label, subgraphs
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, check_choices, check_patterns, matches_pattern, option
 from onnxopt.passes.fusion_support import unique
+from onnxopt.passes.layer_skip import LayerSkipped as Kept
+from onnxopt.passes.layer_skip import require_layer as _require
 from onnxopt.passes.noop_rules import get_attr
 from onnxopt.registry import register_pass
 from onnxopt.report import human_bytes
@@ -184,20 +186,6 @@ def global_masks(weights: list[np.ndarray], sparsity: float, criterion: str, min
 
 
 # ----------------------------------------------------------------------------- matching
-
-
-class Kept(Exception):
-    """A weight left dense: the count key and a short reason."""
-
-    def __init__(self, kind: str, reason: str) -> None:
-        super().__init__(reason)
-        self.kind = kind
-        self.reason = reason
-
-
-def _require(condition: bool, kind: str, reason: str) -> None:
-    if not condition:
-        raise Kept(kind, reason)
 
 
 @dataclass
