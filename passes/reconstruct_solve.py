@@ -20,9 +20,6 @@ import numpy as np
 
 CHUNK_BYTES = 64 << 20  # float64 rows converted at a time while accumulating
 SOLVE_BYTES = 256 << 20  # stacked sub-systems solved at a time for sparse columns
-EXACT_SUPPORT_MAX = 256  # sparse systems up to this size are solved exactly per column; larger ones by CG
-CG_ITERATIONS = 1000
-CG_TOL = 1e-8  # relative residual at which a column's conjugate gradients stop
 
 
 @dataclass
@@ -124,43 +121,7 @@ def ridge_solve(
         rhs[:, :k] += lam[:, None, None] * current[:, :k]
     if mask is None:
         return _solve(damped, rhs)
-    if a.shape[1] > EXACT_SUPPORT_MAX:
-        return cg_on_support(damped, rhs, mask, np.where(mask, current, 0.0))
     return np.stack([solve_on_support(damped[g], rhs[g], mask[g]) for g in range(a.shape[0])])
-
-
-def cg_on_support(a: np.ndarray, b: np.ndarray, mask: np.ndarray, start: np.ndarray) -> np.ndarray:
-    """Jacobi-preconditioned conjugate gradients for all columns at once, each restricted to its support.
-
-    Solves ``a[S_j, S_j] w = b[S_j, j]`` (``a [G, K, K]`` symmetric positive definite, ``mask [G, K, N]``)
-    from ``start``: every iteration is one ``[K, K] @ [K, N]`` product per group, instead of one
-    factorisation per column. Each step lowers the quadratic objective, so stopping early (at
-    :data:`CG_ITERATIONS`, or when a column's residual is below :data:`CG_TOL` of its right-hand side)
-    still improves on ``start``.
-    """
-    masked = mask.astype(np.float64)
-    inverse_diagonal = 1.0 / np.maximum(np.einsum("gkk->gk", a), np.finfo(np.float64).tiny)[:, :, None]
-    w = start * masked
-    r = (b - a @ w) * masked
-    z = r * inverse_diagonal
-    p = z.copy()
-    rz = np.einsum("gkn,gkn->gn", r, z)
-    limit = (CG_TOL * np.linalg.norm(b * masked, axis=1)) ** 2
-    for _ in range(CG_ITERATIONS):
-        active = np.einsum("gkn,gkn->gn", r, r) > limit
-        if not active.any():
-            break
-        q = (a @ p) * masked
-        curvature = np.einsum("gkn,gkn->gn", p, q)
-        alpha = np.where(active & (curvature > 0), rz / np.where(curvature > 0, curvature, 1.0), 0.0)
-        w += alpha[:, None, :] * p
-        r -= alpha[:, None, :] * q
-        z = r * inverse_diagonal
-        rz_next = np.einsum("gkn,gkn->gn", r, z)
-        beta = np.where(rz > 0, rz_next / np.where(rz > 0, rz, 1.0), 0.0)
-        p = z + beta[:, None, :] * p
-        rz = rz_next
-    return w
 
 
 def solve_on_support(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> np.ndarray:

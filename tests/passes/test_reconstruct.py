@@ -534,6 +534,28 @@ def test_shared_weight_is_skipped():
     assert result.model.SerializeToString() == student.SerializeToString()
 
 
+def test_shared_bias_is_replaced_by_a_private_one():
+    rng = np.random.default_rng(11)
+    w1, w2 = rng.standard_normal((4, 4, 1, 1)).astype(np.float32), rng.standard_normal((4, 4, 1, 1)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "W1", "B"], ["c1"], name="conv_a"),
+        helper.make_node("Conv", ["c1", "W2", "B"], ["y"], name="conv_b"),
+    ]
+    teacher = make_model(
+        nodes,
+        [tensor_input("x", ["N", 4, 3, 3])],
+        [tensor_input("y", ["N", 4, 3, 3])],
+        [init(n, v) for n, v in (("W1", w1), ("W2", w2), ("B", b))],
+    )
+    student = replaced(teacher, W2=(w2 + 0.5 * rng.standard_normal(w2.shape)).astype(np.float32))
+    result = reconstruct(student, teacher, calibration(teacher, rng.standard_normal((32, 4, 3, 3)).astype(np.float32)))
+    conv_a, conv_b = result.model.graph.node
+    assert conv_a.input[2] == "B" and conv_b.input[2] != "B" and np.array_equal(array(result.model, "B"), b)
+    feeds = {"x": rng.standard_normal((8, 4, 3, 3)).astype(np.float32)}
+    assert rel_error(result.model, teacher, feeds) * 10 < rel_error(student, teacher, feeds)
+
+
 def test_layers_in_subgraphs_are_left_alone_with_a_note():
     w = np.eye(4, dtype=np.float32)
     then_graph = helper.make_graph(
