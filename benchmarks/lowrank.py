@@ -44,6 +44,9 @@ import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from timing import latency, session  # noqa: E402  (benchmarks/timing.py)
 
 MODELS = ("minilm", "resnet50", "ppocr_det")
 MINILM = Path("/tmp/exports/minilm-dynamo-eager.onnx")
@@ -52,17 +55,6 @@ MLP_SIZE = 384 * 1536  # min_size that selects exactly the MLP MatMuls of MiniLM
 
 
 # ----------------------------------------------------------------------------- shared measurement
-
-
-def session(model: onnx.ModelProto | Path):
-    """A 1-thread onnxruntime CPU session with the default (full) graph optimizations."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    source = str(model) if isinstance(model, Path) else model.SerializeToString()
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def run_all(sess, feeds: dict[str, np.ndarray], names: list[str] | None = None, batch: int = 8) -> dict[str, np.ndarray]:
@@ -75,22 +67,6 @@ def run_all(sess, feeds: dict[str, np.ndarray], names: list[str] | None = None, 
         for name, value in zip(outputs, got):
             parts[name].append(value)
     return {n: np.concatenate(v) for n, v in parts.items()}
-
-
-def latency(models: dict[str, onnx.ModelProto], feeds: dict[str, np.ndarray], runs: int) -> dict[str, float]:
-    """Median seconds per batch-1 run of each model, runs interleaved (one of each per round)."""
-    sessions = {k: session(m) for k, m in models.items()}
-    one = {k: v[:1] for k, v in feeds.items()}
-    for sess in sessions.values():
-        for _ in range(3):
-            sess.run(None, one)
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(runs):
-        for key, sess in sessions.items():
-            start = time.perf_counter()
-            sess.run(None, one)
-            times[key].append(time.perf_counter() - start)
-    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
