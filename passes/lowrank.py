@@ -650,31 +650,20 @@ def _geometry(node: NodeProto, tensor: TensorProto) -> tuple:
 
 
 def collect_grams(model: ModelProto, layers: list[Layer], calibration, options: LowRankOptions) -> dict[int, np.ndarray]:
-    """The input Gram matrices ``[groups, K, K]`` of ``layers`` (by layer index), streamed over calibration batches.
+    """The input Gram matrices ``[groups, K, K]`` of ``layers`` (by layer index), in one sweep over calibration batches.
 
-    Layers reading one tensor with the same geometry share one matrix; differing geometries take
-    extra passes over the data (``gram_matrices`` keys by input name).
+    Layers reading one tensor with the same geometry share one matrix.
     """
     from onnxopt.calibration.capture import gram_matrices
 
-    rounds: list[dict[str, tuple[NodeProto, tuple, list[Layer]]]] = []
+    keys: dict[int, str] = {}
+    request: dict[str, tuple[NodeProto, list[int]]] = {}
     for layer in layers:
-        name, geometry = layer.node.input[0], _geometry(layer.node, layer.tensor)
-        for entries in rounds:
-            entry = entries.get(name)
-            if entry is None or entry[1] == geometry:
-                entries.setdefault(name, (layer.node, geometry, []))[2].append(layer)
-                break
-        else:
-            rounds.append({name: (layer.node, geometry, [layer])})
-    grams: dict[int, np.ndarray] = {}
-    for entries in rounds:
-        request = {name: (node, list(geometry[1])) for name, (node, geometry, _) in entries.items()}
-        found = gram_matrices(model, request, calibration, batch_size=CALIB_BATCH, limit=options.calib_batches)
-        for name, (_, _, members) in entries.items():
-            for layer in members:
-                grams[layer.index] = found[name]
-    return grams
+        geometry = _geometry(layer.node, layer.tensor)
+        key = keys[layer.index] = f"{layer.node.input[0]}|{geometry}"
+        request.setdefault(key, (layer.node, list(geometry[1])))
+    found = gram_matrices(model, request, calibration, batch_size=CALIB_BATCH, limit=options.calib_batches)
+    return {index: found[key] for index, key in keys.items()}
 
 
 # ----------------------------------------------------------------------------- the pass

@@ -10,12 +10,13 @@ per-channel (or per-tensor) scales kept as they are, so only the integers change
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from onnx import ModelProto, NodeProto
 
-from onnxopt.calibration.capture import layer_rows, stream_values
+from onnxopt.calibration.capture import gram_matrices
 from onnxopt.passes.gptq import gptq_round
 
 ROWS_PER_SAMPLE = 1024
@@ -47,24 +48,8 @@ def layer_hessians(
     model: ModelProto, layers: Iterable[tuple[NodeProto, tuple[int, ...]]], data: Any, *, batch_size: int, limit: int | None = None
 ) -> dict[str, np.ndarray]:
     """``[groups, K, K]`` Hessians of each layer's input rows, keyed by :func:`layer_key`, streamed over ``data``."""
-    layers = list(layers)
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    rng = np.random.default_rng(0)
-    for values in stream_values(model, [n.input[0] for n, _ in layers], data, batch_size=batch_size, limit=limit):
-        for node, shape in layers:
-            x = np.asarray(values[node.input[0]])
-            samples = x if node.op_type == "Conv" else x.reshape(-1, x.shape[-1])[None]
-            for sample in samples:
-                rows = layer_rows(node, sample[None].astype(np.float64) if node.op_type == "Conv" else sample, shape)
-                if rows.shape[1] > ROWS_PER_SAMPLE:
-                    rows = rows[:, np.sort(rng.choice(rows.shape[1], ROWS_PER_SAMPLE, replace=False))]
-                rows = rows.astype(np.float64)
-                gram = np.matmul(rows.transpose(0, 2, 1), rows)
-                key = layer_key(node)
-                sums[key] = sums[key] + gram if key in sums else gram
-                counts[key] = counts.get(key, 0) + rows.shape[1]
-    return {key: sums[key] / max(counts[key], 1) for key in sums}
+    request = {layer_key(node): (node, shape) for node, shape in layers}
+    return gram_matrices(model, request, data, batch_size=batch_size, limit=limit, rows_per_sample=ROWS_PER_SAMPLE)
 
 
 def gptq_int8(node: NodeProto, weight: np.ndarray, scale: np.ndarray, axis: int | None, hessian: np.ndarray, damp: float) -> np.ndarray:
@@ -99,3 +84,21 @@ def _round(kn: np.ndarray, hessian: np.ndarray, column_scale: np.ndarray, damp: 
         return rounder
 
     return gptq_round(kn, hessian, make_rounder, damp=damp, int_dtype=np.int8, what="qdq: gptq")
+
+
+@dataclass
+class GptqRounding:
+    """The layers' Hessians (by :func:`layer_key`) and the damping; integers are computed once per (weight, axis)."""
+
+    hessians: dict[str, np.ndarray]
+    damp: float
+    cache: dict[tuple[str, int | None], np.ndarray] = field(default_factory=dict)
+
+    def integers(self, node: NodeProto, weight: np.ndarray, scale: np.ndarray, axis: int | None, key: tuple[str, int | None]):
+        """GPTQ int8 values of ``weight`` read by ``node`` (None when the layer has no Hessian)."""
+        hessian = self.hessians.get(layer_key(node))
+        if hessian is None:
+            return None
+        if key not in self.cache:
+            self.cache[key] = gptq_int8(node, weight, scale, axis, hessian, self.damp)
+        return self.cache[key]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -21,6 +20,27 @@ from onnx import ModelProto, NodeProto, ValueInfoProto
 from onnxopt.calibration.data import CalibrationData, CalibrationError, short
 
 LAYER_OPS = frozenset({"Conv", "Gemm", "MatMul"})
+
+
+def probe_session(model: ModelProto, names: Sequence[str], *, threads: int = 1, what: str = "for calibration"):
+    """An onnxruntime session of ``model`` with the main-graph tensors ``names`` added as outputs.
+
+    The outputs are added to the graph only while the session is created, so ``model`` is left as
+    it was. Graph optimizations are off (:func:`onnxopt.verify.create_session`), so every tensor
+    keeps its name. A model onnxruntime cannot load is one :class:`CalibrationError` line.
+    """
+    from onnxopt.verify import create_session
+
+    graph = model.graph
+    existing = {o.name for o in graph.output}
+    added = [n for n in dict.fromkeys(names) if n not in existing]
+    graph.output.extend(ValueInfoProto(name=n) for n in added)
+    try:
+        return create_session(model, threads=threads)
+    except Exception as exc:
+        raise CalibrationError(f"onnxruntime cannot load the model {what}: {short(exc)}") from exc
+    finally:
+        del graph.output[len(graph.output) - len(added) :]
 
 
 def stream_values(
@@ -39,7 +59,6 @@ def stream_values(
     after that many batches. ``data.progress(done, total)`` is called after each batch when set.
     """
     from onnxopt.io import load
-    from onnxopt.verify import create_session
 
     model = load(model) if not isinstance(model, ModelProto) else model
     data.validate(model)
@@ -51,15 +70,7 @@ def stream_values(
         if name not in produced and name not in inputs:
             raise CalibrationError(f"tensor '{name}' is not computed in the model's main graph")
     run_names = [n for n in wanted if n not in inputs]
-    existing = {o.name for o in graph.output}
-    added = [n for n in run_names if n not in existing]
-    graph.output.extend(ValueInfoProto(name=n) for n in added)
-    try:
-        session = create_session(model, threads=threads)
-    except Exception as exc:
-        raise CalibrationError(f"onnxruntime cannot load the model to collect activations: {short(exc)}") from exc
-    finally:
-        del graph.output[len(graph.output) - len(added) :]
+    session = probe_session(model, run_names, threads=threads, what="to collect activations")
     total = data.num_batches(batch_size)
     if limit is not None:
         total = min(total, limit)
@@ -175,25 +186,38 @@ def gram_matrices(
     *,
     batch_size: int = 8,
     limit: int | None = None,
+    rows_per_sample: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """``X^T X / rows`` (float64, ``[groups, K, K]``) of each layer's input rows, keyed by input tensor name.
+    """``X^T X / rows`` (float64, ``[groups, K, K]``) of each layer's input rows, keyed as ``layers`` is.
 
-    ``layers`` maps an input tensor name to (a node reading it as input 0, its weight shape); several
-    layers reading one tensor need one entry. Streamed: memory is one batch plus the matrices.
+    ``layers`` maps a caller's key (a layer name; layers with the same input and geometry may share
+    one) to (a node reading the layer input as its input 0, the weight shape). Every input is
+    streamed in one sweep; memory is one batch plus the matrices. With ``rows_per_sample``, a
+    convolution's rows are built one sample at a time and at most that many kept per sample (a
+    Gemm/MatMul's per batch), a fixed random subset (seed 0, drawn in ``layers`` order).
     """
     sums: dict[str, np.ndarray] = {}
     rows: dict[str, int] = {}
-    for values in stream_values(model, list(layers), data, batch_size=batch_size, limit=limit):
-        for name, (node, weight_shape) in layers.items():
-            x = layer_rows(node, np.asarray(values[name], dtype=np.float64), weight_shape)
-            gram = np.matmul(x.transpose(0, 2, 1), x)  # batched BLAS (einsum does not use it)
-            sums[name] = sums[name] + gram if name in sums else gram
-            rows[name] = rows.get(name, 0) + x.shape[1]
-    return {name: sums[name] / max(rows[name], 1) for name in sums}
+    rng = np.random.default_rng(0)
+    names = [node.input[0] for node, _ in layers.values()]
+    for values in stream_values(model, names, data, batch_size=batch_size, limit=limit):
+        for key, (node, weight_shape) in layers.items():
+            for x in _row_chunks(node, weight_shape, np.asarray(values[node.input[0]]), rows_per_sample is not None):
+                if rows_per_sample is not None and x.shape[1] > rows_per_sample:
+                    x = x[:, np.sort(rng.choice(x.shape[1], rows_per_sample, replace=False))]
+                x = x.astype(np.float64, copy=False)
+                gram = np.matmul(x.transpose(0, 2, 1), x)  # batched BLAS (einsum does not use it)
+                sums[key] = sums[key] + gram if key in sums else gram
+                rows[key] = rows.get(key, 0) + x.shape[1]
+    return {key: sums[key] / max(rows[key], 1) for key in sums}
 
 
-def as_calibration(data: Any) -> CalibrationData:
-    """``data`` if it is :class:`CalibrationData`, else a clear error (passes get it from the manager)."""
-    if not isinstance(data, CalibrationData):
-        raise CalibrationError(f"calibration data must be CalibrationData, not {type(data).__name__}")
-    return data
+def _row_chunks(node: NodeProto, weight_shape: Sequence[int], x: np.ndarray, per_sample: bool) -> Iterator[np.ndarray]:
+    """A batch's layer rows: at once, or (``per_sample``) a convolution's one sample at a time."""
+    if node.op_type == "Conv" and per_sample:
+        for sample in x:
+            yield layer_rows(node, sample[None].astype(np.float64), weight_shape)
+    elif node.op_type == "Conv":
+        yield layer_rows(node, x.astype(np.float64), weight_shape)
+    else:
+        yield layer_rows(node, x, weight_shape)

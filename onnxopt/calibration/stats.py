@@ -14,8 +14,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import ModelProto, ValueInfoProto
+from onnx import ModelProto
 
+from onnxopt.calibration.capture import probe_session
 from onnxopt.calibration.data import FLOAT_TYPES, CalibrationData, CalibrationError, short
 
 
@@ -156,7 +157,6 @@ def collect_stats(
     from external data. ``model`` is not modified.
     """
     from onnxopt.io import load
-    from onnxopt.verify import create_session
 
     progress = progress or data.progress
     if bins <= 0:
@@ -182,15 +182,7 @@ def collect_stats(
     if not run_names:
         return {n: accs[n].result() for n in names}
 
-    existing = {o.name for o in graph.output}
-    added = [n for n in run_names if n not in existing]
-    graph.output.extend(ValueInfoProto(name=n) for n in added)  # removed again below: the model is left as it was
-    try:
-        session = create_session(model, threads=threads)
-    except Exception as exc:
-        raise CalibrationError(f"onnxruntime cannot load the model for calibration: {short(exc)}") from exc
-    finally:
-        del graph.output[len(graph.output) - len(added) :]
+    session = probe_session(model, run_names, threads=threads, what="for calibration")
     types = {o.name: o.type for o in session.get_outputs()}
     for name in run_names:
         if types.get(name) not in FLOAT_TYPES:
