@@ -44,7 +44,7 @@ from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Require
 from onnxopt.passes.fusion_support import const_name
 from onnxopt.passes.qdq_gather import quantize_gathers
 from onnxopt.passes.qdq_placement import Plan, Planner, float_map
-from onnxopt.passes.qdq_rounding import eligible, gptq_int8, layer_hessians, layer_key
+from onnxopt.passes.qdq_rounding import GptqRounding, eligible, layer_hessians
 from onnxopt.registry import register_pass
 
 log = logging.getLogger("onnxopt")
@@ -256,7 +256,7 @@ class QuantizeQDQ(Pass):
             blocked |= planner.downstream(name)
         builder = Builder(float_model, is_float, options, target, blocked, stats, data, method=method, per_channel=per_channel)
         if options.rounding == "gptq":
-            builder.hessians = _hessians(float_model, view, plan, data, options, result)
+            builder.rounding = GptqRounding(_hessians(float_model, view, plan, data, options, result), options.damp)
         keep: frozenset[int] = frozenset()
         if options.sensitivity or options.keep_float or options.max_error:
             from onnxopt.passes.qdq_sensitivity import choose_float_layers
@@ -302,8 +302,7 @@ class Builder:
         self.blocked, self.stats, self.data, self.method, self.per_channel = blocked, stats, data, method, per_channel
         self.symmetric = target != "ort-cpu"
         self.inputs = frozenset(i.name for i in float_model.graph.input)
-        self.hessians: dict[str, np.ndarray] = {}  # gptq: layer key -> [groups, K, K]
-        self.rounded: dict[tuple[str, int | None], np.ndarray] = {}  # gptq integers, computed once per weight
+        self.rounding: GptqRounding | None = None  # rounding=gptq; shared by every build of the sensitivity search
 
     def planner(self, view: GraphView, keep: frozenset[int] = frozenset(), *, weights: bool = False) -> Planner:
         """The planner of ``view`` with the anchors at positions ``keep`` left float (``weights``: with int8 weights on ort-cpu)."""
@@ -340,8 +339,9 @@ class Builder:
         plan = self.planner(view, keep, weights=weights).plan(self.blocked)
         self.ensure_stats(plan.tensors)
         params = _tensor_params(plan, self.stats, self.method, self.options.percentile, self.symmetric, self.inputs)
-        rewrite = _Rewriter(model, view, NameGenerator(model), plan, params, symmetric=self.symmetric, per_channel=self.per_channel)
-        rewrite.gptq = (self.hessians, self.rounded, self.options.damp)
+        rewrite = _Rewriter(
+            model, view, NameGenerator(model), plan, params, symmetric=self.symmetric, per_channel=self.per_channel, rounding=self.rounding
+        )
         rewrite.apply(result if result is not None else PassResult())
         return model, plan, rewrite
 
@@ -432,16 +432,16 @@ class _Rewriter:
         *,
         symmetric: bool,
         per_channel: bool,
+        rounding: GptqRounding | None = None,
     ):
         self.model, self.view, self.names, self.plan, self.params = model, view, names, plan, params
-        self.symmetric, self.per_channel = symmetric, per_channel
+        self.symmetric, self.per_channel, self.rounding = symmetric, per_channel, rounding
         self.inits: list[TensorProto] = []
         self.front: list[NodeProto] = []
         self.replaced: set[str] = set()
         self.by_dq: dict[str, QParams] = {}  # DQ output of an activation -> its parameters
         self.int32_biases: dict[str, tuple[np.ndarray, np.ndarray, str]] = {}  # anchor output -> (float bias, scale, int32 initializer)
         self.uint8_constants: dict[str, tuple[np.ndarray, str, str, str]] = {}  # DQ output -> (float value, q, scale, zero initializers)
-        self.gptq: tuple[dict[str, np.ndarray], dict, float] = ({}, {}, 0.01)  # hessians, cache of rounded weights, damping
 
     def _init(self, base: str, array: np.ndarray) -> str:
         name = self.names.fresh(base)
@@ -548,13 +548,9 @@ class _Rewriter:
 
     def _integers(self, node: NodeProto, weight: np.ndarray, params: QParams, key: tuple[str, int | None]) -> np.ndarray:
         """int8 values of a weight: GPTQ-rounded when its layer has a Hessian and is the weight's only reader, else nearest."""
-        hessians, rounded, damp = self.gptq
-        hessian = hessians.get(layer_key(node))
-        if hessian is None or len(self.view.consumers.get(key[0], [])) != 1:
-            return quantize_weight(weight, params)
-        if key not in rounded:
-            rounded[key] = gptq_int8(node, weight, params.scale, params.axis, hessian, damp)
-        return rounded[key]
+        only_reader = len(self.view.consumers.get(key[0], [])) == 1
+        q = self.rounding.integers(node, weight, params.scale, params.axis, key) if self.rounding and only_reader else None
+        return q if q is not None else quantize_weight(weight, params)
 
     def _bias(self, node: NodeProto, wparams: QParams, result: PassResult) -> None:
         if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or not node.input[2]:
