@@ -319,12 +319,7 @@ def rule_conv(walk: Walk, index: int, node: NodeProto, tracked: list[ChannelMap 
         raise Blocked(f"{node_label(node)} has a non-constant bias")
     if group == 1:
         consume(walk, index, node, tracked[0], weight, 1, last_axis=False)
-        if "Conv" in walk.producer_ops:
-            walk.new_space(index, node.output[0], wdims[0], weight, 0, len(wdims), 1)
-            if node.output[0] in walk.maps:
-                walk.add_slice(weight, 0, node.output[0], index, "producer")
-                if bias:
-                    walk.add_slice(bias, 0, node.output[0], index, "producer")
+        produce(walk, index, node, weight, 0, wdims[0], len(wdims), 1, bias)
         return
     cmap = tracked[0]
     if wdims[1] == 1 and wdims[0] == group:  # depthwise, multiplier 1
@@ -342,6 +337,19 @@ def rule_conv(walk: Walk, index: int, node: NodeProto, tracked: list[ChannelMap 
         raise Blocked(f"grouped {node_label(node)} (group={group}, not depthwise)")
 
 
+def produce(
+    walk: Walk, index: int, node: NodeProto, weight: str, weight_axis: int, channels: int, rank: int, axis: int, bias: str = ""
+) -> None:
+    """When ``node``'s op type is a producer: a new channel space on its output, sliced in the weight (and 1-D bias)."""
+    if node.op_type not in walk.producer_ops:
+        return
+    walk.new_space(index, node.output[0], channels, weight, weight_axis, rank, axis)
+    if node.output[0] in walk.maps:
+        walk.add_slice(weight, weight_axis, node.output[0], index, "producer")
+        if bias:
+            walk.add_slice(bias, 0, node.output[0], index, "producer")
+
+
 def rule_convtranspose(walk: Walk, index: int, node: NodeProto, tracked: list[ChannelMap | None]) -> None:
     """ConvTranspose (group 1): consumes along weight axis 0, produces along axis 1."""
     weight = node.input[1] if len(node.input) > 1 else ""
@@ -357,12 +365,7 @@ def rule_convtranspose(walk: Walk, index: int, node: NodeProto, tracked: list[Ch
     if bias and walk.consts.dims(bias) is None:
         raise Blocked(f"{node_label(node)} has a non-constant bias")
     consume(walk, index, node, tracked[0], weight, 0, last_axis=False)
-    if "ConvTranspose" in walk.producer_ops:
-        walk.new_space(index, node.output[0], wdims[1], weight, 1, len(wdims), 1)
-        if node.output[0] in walk.maps:
-            walk.add_slice(weight, 1, node.output[0], index, "producer")
-            if bias:
-                walk.add_slice(bias, 0, node.output[0], index, "producer")
+    produce(walk, index, node, weight, 1, wdims[1], len(wdims), 1, bias)
 
 
 def rule_gemm(walk: Walk, index: int, node: NodeProto, tracked: list[ChannelMap | None]) -> None:
@@ -410,10 +413,7 @@ def rule_matmul(walk: Walk, index: int, node: NodeProto, tracked: list[ChannelMa
             raise Blocked(f"{node_label(node)} has no constant 2-D float B")
         return
     consume(walk, index, node, tracked[0], weight, 0, last_axis=True)
-    if "MatMul" in walk.producer_ops:
-        walk.new_space(index, node.output[0], wdims[1], weight, 1, rank_a, rank_a - 1)
-        if node.output[0] in walk.maps:
-            walk.add_slice(weight, 1, node.output[0], index, "producer")
+    produce(walk, index, node, weight, 1, wdims[1], rank_a, rank_a - 1)
 
 
 RULES = {
