@@ -22,7 +22,7 @@ from onnxopt.errors import InvalidModelError, OnnxoptError, RequirementError
 from onnxopt.graph import iter_scopes
 from onnxopt.io import payload_bytes
 from onnxopt.passbase import TARGETS, Pass, PassContext, PassResult, Requirement
-from onnxopt.pipeline import FixpointGroup, Step, build_pipeline
+from onnxopt.pipeline import FixpointGroup, Step, build_pipeline, step_passes
 from onnxopt.report import PassRecord, Report
 from onnxopt.toposort import sort_graph
 from onnxopt.validate import check_names
@@ -101,7 +101,7 @@ class PassManager:
     def _passes(self) -> list[Pass]:
         flat: list[Pass] = []
         for step in self.steps:
-            flat.extend(step.passes if isinstance(step, FixpointGroup) else [step])
+            flat.extend(step_passes(step))
         return flat
 
     def _check_requirements(self) -> None:
@@ -128,7 +128,7 @@ class PassManager:
         total = len(self._passes())
         done = 0
         for index, step in enumerate(self.steps, start=1):
-            ctx.later = frozenset(p.name for later in self.steps[index:] for p in _step_passes(later))
+            ctx.later = frozenset(p.name for later in self.steps[index:] for p in step_passes(later))
             if isinstance(step, FixpointGroup):
                 for iteration in range(1, step.max_iterations + 1):
                     changed = False
@@ -223,11 +223,6 @@ class PassManager:
         result = self.verifier.check(model) if wanted == own else self.verifier.check(model, wanted)
         self._report.verification = result.to_dict()
         require_pass(result, what)
-
-
-def _step_passes(step: Step) -> list[Pass]:
-    """The passes of one step (a fixpoint group's members, or the pass itself)."""
-    return list(step.passes) if isinstance(step, FixpointGroup) else [step]  # type: ignore[list-item]
 
 
 def _check_structure(model: ModelProto) -> None:

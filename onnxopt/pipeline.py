@@ -114,6 +114,11 @@ def _single(text: str) -> PassSpec:
     return specs[0]
 
 
+def step_passes(step: Step) -> list[Pass]:
+    """The passes of one step: a fixpoint group's members, or the pass itself."""
+    return list(step.passes) if isinstance(step, FixpointGroup) else [step]
+
+
 def set_pass_options(steps: Sequence[Step], pass_name: str, **values: Any) -> int:
     """Set (and validate) options on every ``pass_name`` instance in ``steps``; returns how many were set.
 
@@ -121,7 +126,7 @@ def set_pass_options(steps: Sequence[Step], pass_name: str, **values: Any) -> in
     """
     count = 0
     for step in steps:
-        for p in step.passes if isinstance(step, FixpointGroup) else [step]:
+        for p in step_passes(step):
             if p.name == pass_name:
                 current = {f.name: getattr(p.options, f.name) for f in dataclasses.fields(p.options)}
                 fields = {**current, **values}
