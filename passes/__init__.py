@@ -15,6 +15,7 @@ from onnxopt.passes import (  # noqa: F401
     fuse_mean,
     fuse_norm,
     fuse_softmax,
+    int8_dynamic,
     lowrank,
     noops,
     opset,

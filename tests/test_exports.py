@@ -16,6 +16,7 @@ from helpers import assert_equivalent
 
 import onnxopt
 from models.exports import TEXT_LAYERS, TEXT_VARIANTS, VOCAB, export
+from onnxopt.verify import run_model
 
 pytestmark = pytest.mark.slow
 
@@ -84,3 +85,28 @@ def test_exports_optimize_deterministically(exports):
     original = onnx.load(str(exports["dynamo-sdpa"]))
     first = onnxopt.optimize(original, "default", target="ort-cpu").model.SerializeToString(deterministic=True)
     assert onnxopt.optimize(original, "default", target="ort-cpu").model.SerializeToString(deterministic=True) == first
+
+
+@pytest.mark.parametrize("variant", TEXT_VARIANTS)
+@pytest.mark.parametrize("target", ["portable", "ort-cpu"])
+def test_bert_exports_int8_dynamic(exports, variant, target):
+    """Every projection becomes dynamic INT8; on ort-cpu attention fuses unpacked so its Q/K/V projections are INT8 too."""
+    original = onnx.load(str(exports[variant]))
+    result = onnxopt.optimize(original, "default,int8_dynamic:min_size=1", target=target)
+    assert not [w for w in result.report.warnings if "rolled back" in w], result.report.warnings
+    counts = ops(result.model)
+    layers = TEXT_LAYERS["tiny"]
+    weights = {t.name for t in result.model.graph.initializer}
+    float_matmuls = [n.name for n in result.model.graph.node if n.op_type in ("MatMul", "Gemm") and weights & set(n.input)]
+    assert not float_matmuls, float_matmuls
+    if target == "ort-cpu":
+        assert counts["com.microsoft:MultiHeadAttention"] == layers and counts["com.microsoft:Attention"] == 0
+        assert counts["com.microsoft:DynamicQuantizeMatMul"] >= 6 * layers  # Q, K, V, output, two MLP
+    else:
+        assert counts["MatMulInteger"] >= 6 * layers and not any(op.startswith("com.microsoft") for op in counts)
+    for batch, seq, seed in ((2, 8, 0), (3, 13, 1)):
+        feeds = text_feeds(batch, seq, seed)
+        ref, got = run_model(original, feeds), run_model(result.model, feeds)
+        for name in ref:
+            a, b = np.asarray(ref[name], np.float64).ravel(), np.asarray(got[name], np.float64).ravel()
+            assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.99, name
