@@ -31,7 +31,7 @@ from onnxopt.errors import OnnxoptError, OptionError
 from onnxopt.graph import GraphScope, GraphView, is_standard, opset_version
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_patterns, option
 from onnxopt.passes.contrib_ops import MS_DOMAIN, MS_VERSION
-from onnxopt.passes.fusion_support import elem, import_domain, rank, replace_nodes, unique
+from onnxopt.passes.fusion_support import elem, import_domain, replace_nodes, unique
 from onnxopt.passes.noop_rules import NoMatch, constant_tensor, get_attr, require
 from onnxopt.passes.qdq_gather import quantize_gathers
 from onnxopt.registry import register_pass
@@ -162,9 +162,7 @@ def match_layer(view: GraphView, ctx: PassContext, node: NodeProto, options: Dyn
     require(int(np.prod(tensor.dims)) >= options.min_size, f"smaller than min_size={options.min_size}")  # type: ignore[union-attr]
     require(weight not in view.graph_outputs, "the weight is a graph output")
     require(node.input[0] != weight and node.input[0] not in view.initializers, "A is a constant (folding's job)")
-    require(elem(ctx, node.input[0]) == TensorProto.FLOAT, "A is not known to be float32")
-    a_rank = rank(ctx, node.input[0])
-    require(a_rank is not None and a_rank >= 2, "A's rank is unknown or below 2")
+    # A is float32 like B in a valid model; any rank (a 1-D A works in both kernels, as in numpy)
     require(not _excluded(options.exclude, node, weight), "excluded")
     n = int(tensor.dims[0] if node.op_type == "Gemm" and get_attr(node, "transB", 0) else tensor.dims[1])  # type: ignore[union-attr]
     layer = _gemm_layer(view, node, weight, n) if node.op_type == "Gemm" else Layer(node, weight, False)
@@ -335,7 +333,7 @@ def _drop_weights(scope: GraphScope, view: GraphView, names: set[str], replaced:
 class DynamicInt8(Pass):
     """Dynamic INT8 MatMul/Gemm (and QAttention) for CPUs: int8 weights, inputs quantized per call; no calibration.
 
-    Pre: shapes inferred (A must be float32 of rank >= 2), ai.onnx opset >= 11, target ``ort-cpu``
+    Pre: ai.onnx opset >= 11, target ``ort-cpu``
     (DynamicQuantizeMatMul, QAttention) or ``portable`` (DynamicQuantizeLinear + MatMulInteger).
     Matched: every reader of a constant 2-D float32 weight with at least ``min_size`` values is a
     standard MatMul or Gemm (transA=0, alpha=1) reading it as B; a weight shared with another op,

@@ -248,3 +248,19 @@ def test_cli_needs_no_calibration(tmp_path):
     assert run.exit_code == 0, run.output
     assert src.read_bytes() == before
     assert ops(onnx.load(str(dst)))["com.microsoft:DynamicQuantizeMatMul"] == 3
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "portable"])
+def test_input_of_unknown_rank_is_quantized_and_runs_at_any_rank(target):
+    nodes = [
+        helper.make_node("Reshape", ["x", "shape"], ["xr"]),  # hides A's rank from shape inference
+        helper.make_node("MatMul", ["xr", "W"], ["mm"], name="mm"),
+        helper.make_node("Flatten", ["mm"], ["y"], axis=0),
+    ]
+    inputs = [tensor_input("x", ["n"]), tensor_input("shape", ["r"], TensorProto.INT64)]
+    model = make_model(nodes, inputs, [tensor_input("y", [1, "m"])], [init("W", rand(K, N))])
+    result = optimize(model, target=target)
+    assert "MatMul" not in ops(result.model)
+    for shape in ((K,), (3, K), (2, 3, K)):
+        x = {"x": rand(int(np.prod(shape))), "shape": np.array(shape, np.int64)}
+        assert closeness(model, result.model, x)["y"] > 0.999
