@@ -7,6 +7,7 @@ line on stderr with a non-zero exit; ``--debug`` shows tracebacks instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -445,40 +446,190 @@ def build_command(model_path, output_path, backend, shapes, workspace, opt_level
 
 @main.command("verify")
 @click.argument("original", metavar="A.onnx", type=click.Path(dir_okay=False))
-@click.argument("candidate", metavar="B.onnx", type=click.Path(dir_okay=False))
+@click.argument("candidate", metavar="[B.onnx]", type=click.Path(dir_okay=False), required=False)
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxD...", help="Shape for a dynamic input, repeatable.")
 @click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), help="An .npz with the inputs.")
 @click.option(
     "--precision", type=click.Choice(["fp32", "fp16", "int8", "pruned"]), default="fp32", show_default=True, help="Tolerance to apply."
 )
+@click.option(
+    "--engine",
+    "engine_path",
+    type=click.Path(dir_okay=False),
+    metavar="E.engine",
+    help="Also run this TensorRT engine and compare it with A (needs a GPU).",
+)
+@click.option(
+    "--backend", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx"]), default="auto", show_default=True, help="Back end of --engine."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def verify_command(original, candidate, input_shapes, inputs_path, precision, as_json, debug) -> None:
-    """Run A.onnx and B.onnx on the same inputs and compare their outputs (exit 3 if they differ)."""
+def verify_command(original, candidate, input_shapes, inputs_path, precision, engine_path, backend, as_json, debug) -> None:
+    """Run A.onnx and B.onnx (and/or --engine E.engine) on the same inputs and compare their outputs with A's.
+
+    Exit codes: 0 all outputs agree, 1 bad input (unreadable file, model that does not run),
+    2 bad option or no CUDA device to run --engine on (nothing was verified), 3 outputs differ.
+    """
     _setup_logging(0, False)
 
     def work() -> None:
         from onnxopt.verify import Verifier, parse_shape_overrides
 
+        if candidate is None and engine_path is None:
+            raise OptionError("give B.onnx, --engine E.engine, or both, to compare with A.onnx")
         shapes = parse_shape_overrides(input_shapes)
         a = _load_checked(original)
-        b = _load_checked(candidate)
-        verifier = Verifier.from_model(a, inputs=inputs_path, input_shapes=shapes, precision=precision)
-        result = verifier.check(b)
-        if as_json:
-            click.echo(json.dumps(result.to_dict(), indent=2, sort_keys=True))
-        else:
-            for note in result.notes:
-                click.echo(f"note: {note}", err=True)
-            for o in result.outputs:
-                top1 = "" if o.top1 is None else f" top1={o.top1:.3f}"
-                mark = "ok" if o.passed else f"FAIL ({o.reason})"
-                click.echo(f"{o.name}: max_abs={o.max_abs:.3g} max_rel={o.max_rel:.3g} cosine={o.cosine:.6f}{top1} {mark}")
-            click.echo(result.summary())
-        if not result.passed:
+        b = _load_checked(candidate) if candidate else None
+        with _engine_runner(engine_path, backend) as runner:
+            verifier = Verifier.from_model(a, inputs=inputs_path, input_shapes=shapes, precision=precision)
+            results = {}
+            if b is not None:
+                results["candidate"] = verifier.check(b)
+            if runner is not None:
+                results["engine"] = _check_engine(verifier, runner)
+        _print_verifications(results, engine_path, as_json)
+        if not all(r.passed for r in results.values()):
             sys.exit(3)
 
     run_cli(work, debug)
+
+
+@contextlib.contextmanager
+def _engine_runner(engine_path: str | None, backend: str):
+    """An EngineRunner of ``engine_path`` (None without one); errors say "cannot verify the engine: ..." (no device: exit 2)."""
+    if engine_path is None:
+        yield None
+        return
+    from onnxopt.engine.runtime import EngineRunner
+
+    try:
+        runner = EngineRunner(engine_path, backend)
+    except OnnxoptError as exc:
+        raise type(exc)(f"cannot verify the engine: {exc}") from exc
+    with runner:
+        yield runner
+
+
+def _check_engine(verifier, runner):  # noqa: ANN001, ANN202
+    """Run the engine on the verifier's inputs and compare with the reference at the verifier's precision."""
+    from onnxopt.verify import compare_outputs
+
+    result = compare_outputs(verifier.reference, runner.run(verifier.feeds), verifier.precision)
+    result.notes.extend(verifier.notes)
+    return result
+
+
+def _print_verifications(results: dict, engine_path: str | None, as_json: bool) -> None:
+    """B's result as before (JSON unchanged without --engine); the engine's result labeled with its path."""
+    if as_json:
+        if "engine" not in results:
+            data = results["candidate"].to_dict()
+        elif "candidate" not in results:
+            data = {**results["engine"].to_dict(), "engine": engine_path}
+        else:
+            data = {
+                "passed": all(r.passed for r in results.values()),
+                "candidate": results["candidate"].to_dict(),
+                "engine": {**results["engine"].to_dict(), "path": engine_path},
+            }
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+        return
+    notes = next(iter(results.values())).notes
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    for kind, result in results.items():
+        prefix = f"engine {engine_path}: " if kind == "engine" else ""
+        for o in result.outputs:
+            top1 = "" if o.top1 is None else f" top1={o.top1:.3f}"
+            mark = "ok" if o.passed else f"FAIL ({o.reason})"
+            click.echo(f"{prefix}{o.name}: max_abs={o.max_abs:.3g} max_rel={o.max_rel:.3g} cosine={o.cosine:.6f}{top1} {mark}")
+        click.echo(prefix + result.summary())
+
+
+@main.command("bench")
+@click.argument("model_paths", metavar="MODEL.onnx [MORE.onnx ...]", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--engine", "engines", multiple=True, metavar="E.engine", help="A TensorRT engine to time too (needs a GPU); repeatable.")
+@click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True, help="Timed runs of each model.")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs of each model first.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="onnxruntime intra-op threads.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="onnxruntime execution provider.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxD...", help="Shape for a dynamic input, repeatable.")
+@click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), help="An .npz with the inputs.")
+@click.option(
+    "--backend", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx"]), default="auto", show_default=True, help="Back end of --engine."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def bench_command(model_paths, engines, runs, warmup, threads, provider, input_shapes, inputs_path, backend, as_json, debug) -> None:
+    """Latency (median, p90, mean, min; ratio to the first model) of models in onnxruntime and of engines, same inputs.
+
+    Runs are interleaved, one of each model per round. Without a CUDA device an --engine is
+    reported as skipped, with the reason, and the exit is still 0. Exit codes: 0 done, 1 bad
+    input (unreadable file, model that does not run), 2 bad option.
+    """
+    _setup_logging(0, False)
+
+    def work() -> None:
+        from onnxopt.bench import benchmark
+        from onnxopt.verify import parse_shape_overrides
+
+        shapes = parse_shape_overrides(input_shapes)
+        models = {path: _load_checked(path) for path in model_paths}
+        result = benchmark(
+            models,
+            engines=list(engines),
+            runs=runs,
+            warmup=warmup,
+            threads=threads,
+            provider=provider,
+            inputs=inputs_path,
+            input_shapes=shapes,
+            backend=backend,
+            progress=None if as_json else _bench_progress(),
+        )
+        if as_json:
+            click.echo(json.dumps(result.to_dict(), indent=2, sort_keys=True))
+            return
+        for note in result.notes:
+            click.echo(f"note: {note}", err=True)
+        _print_bench_table(result)
+
+    run_cli(work, debug)
+
+
+def _print_bench_table(result) -> None:  # noqa: ANN001
+    """One line per model/engine: median, p90, mean, min in ms and the median ratio; skipped engines say why."""
+    width = max(len(e.name) for e in result.entries)
+    click.echo(f"{'model':<{width}}  {'median ms':>10}  {'p90 ms':>10}  {'mean ms':>10}  {'min ms':>10}  {'ratio':>6}")
+    for e in result.entries:
+        if e.stats is None:
+            continue
+        s = e.stats
+        ratio = "" if e.ratio is None else f"{e.ratio:.2f}x"
+        click.echo(f"{e.name:<{width}}  {s.median_ms:>10.3f}  {s.p90_ms:>10.3f}  {s.mean_ms:>10.3f}  {s.min_ms:>10.3f}  {ratio:>6}")
+    for e in result.entries:
+        if e.skipped:
+            click.echo(f"engine {e.name}: skipped: {e.skipped}")
+    click.echo(f"{result.runs} runs after {result.warmup} warm-up, interleaved; onnxruntime {result.provider}, {result.threads} thread(s)")
+
+
+def _bench_progress():  # noqa: ANN202
+    """A rich bar on stderr while rounds run, when stderr is a terminal; None when piped."""
+    if not sys.stderr.isatty():
+        return None
+    from rich.progress import Progress
+
+    bar = Progress(console=_console(), transient=True)
+    task = bar.add_task("timing", total=None)
+
+    def update(done: int, total: int) -> None:
+        if not bar.live.is_started:
+            bar.start()
+        bar.update(task, completed=done, total=total)
+        if done >= total:
+            bar.stop()
+
+    return update
 
 
 @main.command("inspect")
