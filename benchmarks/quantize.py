@@ -207,7 +207,7 @@ def bench(name: str, runs: int, passes: str, out_dir: Path) -> dict:
         onnx.save(result.model, str(mine))
         row["onnxopt"] = "ok"
         row["onnxopt_passes"] = passes
-        row["onnxopt_notes"] = result.report.warnings[:20]
+        row["onnxopt_notes"] = (result.report.warnings + result.report.notes)[:20]
         paths["onnxopt"] = mine
     except Exception as exc:  # noqa: BLE001 - the benchmark reports failures
         row["onnxopt"] = f"failed ({type(exc).__name__}: {str(exc)[:150]})"

@@ -115,5 +115,9 @@ def optimize(
 
         manager.verifier = Verifier.from_model(working, inputs=inputs, input_shapes=input_shapes, precision=precision)
     result = manager.run(working)
-    result.report.warnings[:0] = warnings + (data.notes if data is not None else [])
+    from onnxopt.calibration.data import RANDOM_WARNING
+
+    data_notes = data.notes if data is not None else []
+    result.report.warnings[:0] = warnings + [n for n in data_notes if n == RANDOM_WARNING]
+    result.report.notes[:0] = [n for n in data_notes if n != RANDOM_WARNING]
     return result

@@ -271,6 +271,8 @@ def _optimize(req: OptimizeRequest) -> None:
         render(report, _console(), verbose=req.verbose > 0)
         if report.verification:
             click.echo(_verification_line(report.verification), err=True)
+        for note in report.notes:
+            click.echo(f"note: {note}", err=True)
         for warning in report.warnings:
             log.warning("%s", warning)
     if req.engine_path:
@@ -305,7 +307,7 @@ def _build_after_optimize(req: OptimizeRequest, model, shapes: dict) -> None:  #
 
 
 def _calibration(req: OptimizeRequest, model, shapes):  # noqa: ANN001, ANN202
-    """The run's calibration data (None without --calib), its notes logged as warnings, a bar while statistics run."""
+    """The run's calibration data (None without --calib), its notes printed (random data: a warning), a bar while statistics run."""
     if req.calib is None:
         if req.calib_preprocess or req.calib_limit:
             raise OnnxoptError("--calib-preprocess and --calib-limit need --calib")
@@ -313,8 +315,13 @@ def _calibration(req: OptimizeRequest, model, shapes):  # noqa: ANN001, ANN202
     from onnxopt.calibration import CalibrationData
 
     data = CalibrationData.resolve(req.calib, model, preprocess=req.calib_preprocess, limit=req.calib_limit, input_shapes=shapes)
+    from onnxopt.calibration.data import RANDOM_WARNING
+
     for note in data.notes:
-        log.warning("%s", note)
+        if note == RANDOM_WARNING:
+            log.warning("%s", note)
+        elif not req.quiet:
+            click.echo(f"note: {note}", err=True)
     if not req.quiet and sys.stderr.isatty():
         from rich.progress import Progress
 

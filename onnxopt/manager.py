@@ -175,11 +175,13 @@ class PassManager:
             return self._rollback(p, ctx, checkpoint, exc, step, iteration, t0)
         seconds = time.perf_counter() - t0
         status = "changed" if result.modified else "unchanged"
-        record = PassRecord(p.name, step, iteration, status, dict(result.counts), seconds, notes=list(dict.fromkeys(result.notes)))
+        said = list(dict.fromkeys(result.notes + result.warnings))
+        record = PassRecord(p.name, step, iteration, status, dict(result.counts), seconds, notes=said)
         self._fill_stats(record, ctx, result.modified)
         self._report.passes.append(record)
-        seen = set(self._report.warnings)  # a note repeated by later fixpoint iterations is reported once
-        self._report.warnings.extend(n for n in dict.fromkeys(result.notes) if n not in seen)
+        for kept, new in ((self._report.notes, result.notes), (self._report.warnings, result.warnings)):
+            seen = set(kept)  # a message repeated by later fixpoint iterations is reported once
+            kept.extend(n for n in dict.fromkeys(new) if n not in seen)
         if result.modified:
             self._tolerances.add(p.tolerance)
             log.info("%s: %s (%.0f ms)", p.name, result.summary(), seconds * 1000)

@@ -42,11 +42,16 @@ TARGETS: tuple[str, ...] = get_args(Target)
 
 @dataclass
 class PassResult:
-    """What one run of a pass did: whether it modified the model, and counts by kind."""
+    """What one run of a pass did: whether it modified the model, counts by kind, and what it has to say.
+
+    ``notes`` inform (a fusion skipped and why, a layer kept float); ``warnings`` flag a result the
+    user should not trust as is (random calibration, an upgrade that could not be verified).
+    """
 
     modified: bool = False
     counts: Counter = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def count(self, what: str, amount: int = 1) -> None:
         """Record ``amount`` changes of kind ``what`` (and mark the result modified)."""
@@ -59,6 +64,7 @@ class PassResult:
         self.modified = self.modified or other.modified
         self.counts.update(other.counts)
         self.notes.extend(other.notes)
+        self.warnings.extend(other.warnings)
         return self
 
     def summary(self) -> str:

@@ -25,7 +25,7 @@ class PassRecord:
     weight_bytes: int = 0
     flops: int = 0
     message: str = ""
-    notes: list[str] = field(default_factory=list)  # what the pass said (also in the run's warnings, once)
+    notes: list[str] = field(default_factory=list)  # what the pass said, notes then warnings (also in the run's lists, once)
 
 
 @dataclass
@@ -35,7 +35,8 @@ class Report:
     before: ModelStats | None = None
     after: ModelStats | None = None
     passes: list[PassRecord] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # informational, each once: what passes chose and why
+    warnings: list[str] = field(default_factory=list)  # problems, each once: rollbacks, random calibration, unverified upgrades
     verification: dict[str, Any] | None = None
     seconds: float = 0.0
 
@@ -46,6 +47,7 @@ class Report:
             "before": self.before.to_dict() if self.before else None,
             "after": self.after.to_dict() if self.after else None,
             "passes": [asdict(r) for r in self.passes],
+            "notes": self.notes,
             "warnings": self.warnings,
             "verification": self.verification,
         }

@@ -54,7 +54,7 @@ class UpgradeOpset(Pass):
         except OnnxoptError as exc:
             if options.strict:
                 raise
-            return PassResult(notes=[f"{exc}; the model keeps opset {opset_version(model) or 1}"])
+            return PassResult(warnings=[f"{exc}; the model keeps opset {opset_version(model) or 1}"])
 
     def _upgrade(self, model: ModelProto, options: UpgradeOpsetOptions) -> PassResult:
         result = PassResult()
@@ -74,7 +74,7 @@ class UpgradeOpset(Pass):
         if options.verify:
             note = _check_same_outputs(model, converted, current, options.version)
             if note:
-                result.notes.append(note)
+                result.warnings.append(note)
         model.CopyFrom(converted)
         result.count(f"opset_{current}_to_{options.version}")
         return result

@@ -272,7 +272,7 @@ class QuantizeQDQ(Pass):
         if options.embeddings and target != "trt":
             quantize_gathers(model, EMBEDDING_MIN_SIZE, result)
         if getattr(ctx.calibration, "random", False):
-            result.notes.append("qdq: calibrated on random data: the scales are for testing only")
+            result.warnings.append("qdq: calibrated on random data: the scales are for testing only")
         result.notes.append(f"qdq: {method} calibration, {'int8 symmetric' if symmetric else 'uint8 asymmetric'} activations")
         return result
 

@@ -581,7 +581,7 @@ class WeightOnlyQuantize(Pass):
     ) -> None:
         """Give every main-graph candidate the mean Hessian of its readers' inputs; note the fallbacks."""
         if ctx.calibration is None:
-            result.notes.append(f"{PASS_NAME}: rounding=gptq without calibration data: rounded to nearest (give --calib)")
+            result.warnings.append(f"{PASS_NAME}: rounding=gptq without calibration data: rounded to nearest (give --calib)")
             return
         main_candidates = [c for scope, _, cands in found if scope.graph is main.graph for c in cands]
         nested = sum(len(c) for scope, _, c in found if scope.graph is not main.graph)

@@ -235,14 +235,33 @@ class NotesEveryRun(Pass):
     name = "test_notes_every_run"
 
     def run_graph(self, scope: GraphScope, ctx: PassContext) -> PassResult:
-        return PassResult(notes=["the same note"])
+        return PassResult(notes=["the same note"], warnings=["the same warning"])
 
 
 def test_a_note_repeated_by_fixpoint_iterations_is_reported_once():
     group = FixpointGroup([RemoveOneRelu(), NotesEveryRun()], name="g")
     result = onnxopt.optimize(_chain_model(), [group], isolate=False)
     assert len([r for r in result.report.passes if r.name == "test_notes_every_run"]) > 1
-    assert result.report.warnings.count("the same note") == 1
+    assert result.report.notes == ["the same note"]
+    assert result.report.warnings == ["the same warning"]
+    data = result.report.to_dict()
+    assert data["notes"] == ["the same note"] and data["warnings"] == ["the same warning"]
+
+
+def test_cli_prints_notes_as_notes_and_warnings_as_warnings(tmp_path, monkeypatch):
+    import onnx
+    from click.testing import CliRunner
+
+    from onnxopt import registry
+    from onnxopt.cli import main
+
+    monkeypatch.setitem(registry._REGISTRY, NotesEveryRun.name, NotesEveryRun)
+    src = tmp_path / "in.onnx"
+    onnx.save(_chain_model(), str(src))
+    run = CliRunner().invoke(main, [str(src), str(tmp_path / "out.onnx"), "--passes", NotesEveryRun.name])
+    assert run.exit_code == 0, run.output
+    assert "note: the same note" in run.output and "WARNING: the same note" not in run.output
+    assert "WARNING: the same warning" in run.output
 
 
 class RebuildsUnchanged(Pass):
@@ -273,8 +292,8 @@ def test_each_record_keeps_its_pass_notes():
     group = FixpointGroup([RemoveOneRelu(), NotesEveryRun()], name="g")
     result = onnxopt.optimize(_chain_model(), [group], isolate=False)
     records = [r for r in result.report.passes if r.name == "test_notes_every_run"]
-    assert records and all(r.notes == ["the same note"] for r in records)
-    assert result.report.to_dict()["passes"][-1]["notes"] == ["the same note"]
+    assert records and all(r.notes == ["the same note", "the same warning"] for r in records)
+    assert result.report.to_dict()["passes"][-1]["notes"] == ["the same note", "the same warning"]
 
 
 class RecordsTeacher(Pass):

@@ -351,7 +351,7 @@ def test_portable_opset23_lowest_float_mask_kept_with_note() -> None:
     result = optimize(model, "portable")
     assert counts(result) == {}
     assert ops(result.model) == ops(model)
-    assert any("mask uses the lowest float" in w for w in result.report.warnings)
+    assert any("mask uses the lowest float" in w for w in result.report.notes)
 
 
 def test_portable_below_opset23_keeps_graph_with_note() -> None:
@@ -359,7 +359,7 @@ def test_portable_below_opset23_keeps_graph_with_note() -> None:
     result = optimize(model, "portable")
     assert counts(result) == {}
     assert ops(result.model) == ops(model)
-    assert any("Attention needs ai.onnx opset >= 23, the model imports 17" in w for w in result.report.warnings)
+    assert any("Attention needs ai.onnx opset >= 23, the model imports 17" in w for w in result.report.notes)
 
 
 def test_trt_keeps_graph_with_note() -> None:
@@ -367,7 +367,7 @@ def test_trt_keeps_graph_with_note() -> None:
     result = optimize(model, "trt")
     assert counts(result) == {}
     assert ops(result.model) == ops(model)
-    assert any("TensorRT" in w and "1 attention subgraph" in w for w in result.report.warnings)
+    assert any("TensorRT" in w and "1 attention subgraph" in w for w in result.report.notes)
 
 
 def test_unproven_output_reshape_stays() -> None:
@@ -532,7 +532,7 @@ def test_left_unfused_when_qdq_follows() -> None:
     model = attention()
     result = onnxopt.optimize(model, "fuse_attention,qdq", target="ort-cpu", calibration="random", isolate=False)
     assert not any(n.domain == "com.microsoft" for n in result.model.graph.node)
-    assert any("left unfused" in w for w in result.report.warnings)
+    assert any("left unfused" in w for w in result.report.notes)
     producers = {o: n.op_type for n in result.model.graph.node for o in n.output}
     matmuls = [n for n in result.model.graph.node if n.op_type == "MatMul"]
     assert sum(producers.get(n.input[1]) == "DequantizeLinear" for n in matmuls) >= 5  # weights and attention scores

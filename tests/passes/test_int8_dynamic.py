@@ -140,7 +140,7 @@ def test_guards_keep_shared_small_excluded_and_non_float_weights():
     kinds = {n.name: n.op_type for n in result.model.graph.node}
     assert kinds["uses_w"] == "DynamicQuantizeMatMul"
     assert kinds["small"] == kinds["excluded_one"] == kinds["shares_with_add"] == "MatMul"
-    note = next(n for n in result.report.warnings if n.startswith("int8_dynamic: 3 layer(s) kept"))
+    note = next(n for n in result.report.notes if n.startswith("int8_dynamic: 3 layer(s) kept"))
     assert "excluded (1)" in note and "smaller than min_size=1000 (1)" in note and "also read by another op (1)" in note
     assert all(c > 0.999 for c in closeness(model, result.model, {"x": rand(2, K)}).values())
 
@@ -167,7 +167,7 @@ def test_attention_with_attention_bias_stays_float_with_a_note():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], ir_version=8)
     result = optimize(model)
     assert ops(result.model)["com.microsoft:Attention"] == 1
-    assert any("Attention: it takes attention_bias" in n for n in result.report.warnings)
+    assert any("Attention: it takes attention_bias" in n for n in result.report.notes)
 
 
 def test_matmul_inside_an_if_branch_is_quantized_and_the_model_runs():

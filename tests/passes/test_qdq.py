@@ -230,7 +230,7 @@ def test_concat_range_guard_keeps_output_path_float() -> None:
     out = result.model
     assert node_named(out, "conv3").input[0] == "cat"
     assert node_named(out, "conv3").input[1] == "w3"
-    assert any("Concat" in w and "stays float" in w for w in result.report.warnings)
+    assert any("Concat" in w and "stays float" in w for w in result.report.notes)
     check_fidelity(model, out)
 
 
@@ -298,7 +298,7 @@ def test_opset_11_is_upgraded_for_per_channel() -> None:
     model = resnet_block(opset=11)
     result = quantize(model, "ort-cpu")
     assert onnxopt.graph.opset_version(result.model) == 13
-    assert any("upgraded the model from opset 11 to 13" in w for w in result.report.warnings)
+    assert any("upgraded the model from opset 11 to 13" in w for w in result.report.notes)
     check_fidelity(model, result.model)
 
 
@@ -313,7 +313,7 @@ def test_opset_11_falls_back_to_per_tensor(monkeypatch: pytest.MonkeyPatch) -> N
     result = quantize(model, "portable")  # (target trt upgrades every model to opset 17 first)
     out = result.model
     assert onnxopt.graph.opset_version(out) == 11
-    assert any("per-tensor" in w for w in result.report.warnings)
+    assert any("per-tensor" in w for w in result.report.notes)
     assert all(axis_of(n) is None for n in out.graph.node if n.op_type == "DequantizeLinear")
     assert all(inits(out)[n.input[1]].shape == () for n in out.graph.node if n.op_type == "DequantizeLinear")
     check_fidelity(model, out)
@@ -447,7 +447,7 @@ def test_bias_correction_reduces_output_error(target: str, bias: bool) -> None:
     fixed = fixed_result.model
     onnx.checker.check_model(fixed, full_check=True)
     assert output_mse(model, fixed) < 0.5 * output_mse(model, plain)
-    assert any("bias correction on 1 layers" in w for w in fixed_result.report.warnings)
+    assert any("bias correction on 1 layers" in w for w in fixed_result.report.notes)
     conv1 = node_named(fixed, "conv1")
     assert len(conv1.input) == 3 and conv1.input[2]
     values = inits(fixed)
@@ -495,7 +495,7 @@ def test_bias_correction_matmul_add_constant() -> None:
 
 def sensitivity_notes(result: onnxopt.OptimizeResult) -> list[str]:
     """The ranking lines of the qdq notes."""
-    return [w for w in result.report.warnings if "sensitivity #" in w]
+    return [w for w in result.report.notes if "sensitivity #" in w]
 
 
 @pytest.mark.parametrize("target", ["trt", "ort-cpu"])
@@ -527,11 +527,11 @@ def test_sensitivity_ranking_and_keep_float(target: str) -> None:
 def test_max_error_keeps_layers_until_below() -> None:
     model = resnet_block()
     result = quantize(model, "trt", "keep_outputs=false,max_error=1e-12,bias_correction=false")
-    summary = next(w for w in result.report.warnings if "sensitivity of" in w)
+    summary = next(w for w in result.report.notes if "sensitivity of" in w)
     assert "kept float: 3" in summary  # nothing quantized reaches 1e-12: every layer stays float
     assert not any(n.op_type == "QuantizeLinear" for n in result.model.graph.node)
     loose = quantize(model, "trt", "keep_outputs=false,max_error=0.5,bias_correction=false")
-    assert "kept float: 0" in next(w for w in loose.report.warnings if "sensitivity of" in w)
+    assert "kept float: 0" in next(w for w in loose.report.notes if "sensitivity of" in w)
 
 
 def test_bias_correction_and_sensitivity_deterministic() -> None:
@@ -633,7 +633,7 @@ def test_gptq_rounding_lowers_model_error_and_keeps_scales() -> None:
     smart_result = onnxopt.optimize(model, spec + ",rounding=gptq", target="trt", calibration=data, isolate=False)
     smart = smart_result.model
     onnx.checker.check_model(smart, full_check=True)
-    assert any("gptq rounding of 1 weights" in w for w in smart_result.report.warnings)
+    assert any("gptq rounding of 1 weights" in w for w in smart_result.report.notes)
     feeds = {"x": correlated(2, 8, seed=9)}
     ref = run_model(model, feeds)["y"]
     near_err = float(np.mean((run_model(near, feeds)["y"] - ref) ** 2))

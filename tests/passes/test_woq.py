@@ -237,7 +237,7 @@ def test_gemm_alpha_beta():
     assert cosine(model, portable, {"x": rand(3, K)}) >= MIN_COSINE[8]
     ort = woq(model, "woq:bits=8,min_size=16", "ort-cpu")
     assert op_types(ort.model) == ["Gemm"]  # alpha != 1 has no MatMulNBits form
-    assert any("alpha != 1" in w for w in ort.report.warnings)
+    assert any("alpha != 1" in w for w in ort.report.notes)
     beta_only = gemm_model(rand(K, N), bias=rand(N), beta=2.0)
     out = woq(beta_only, "woq:bits=8,min_size=16", "ort-cpu").model
     assert op_types(out) == ["MatMulNBits"]  # beta * C folded into the bias input
@@ -259,7 +259,7 @@ def test_float16_weights():
     assert cosine(model, out, {"x": rand(2, 5, K, dtype=np.float16)}) >= 0.999
     cpu = woq(model, "woq:bits=8,min_size=16", "ort-cpu")
     assert op_types(cpu.model) == ["MatMul", "Relu"]  # no float16 MatMulNBits kernel on CPU
-    assert any("no MatMulNBits kernel" in w for w in cpu.report.warnings)
+    assert any("no MatMulNBits kernel" in w for w in cpu.report.notes)
 
 
 def test_standin_infers_matmulnbits_shape():
@@ -319,7 +319,7 @@ def test_weight_read_by_another_op_stays_float(reader):
         result = woq(model, "woq:min_size=16", target)
         assert not counts(result)
         assert result.model.SerializeToString() == model.SerializeToString()
-        assert any("kept in float" in w and "also read" in w for w in result.report.warnings)
+        assert any("kept in float" in w and "also read" in w for w in result.report.notes)
 
 
 def test_1d_and_3d_weights_skipped():
@@ -337,7 +337,7 @@ def test_1d_and_3d_weights_skipped():
         for target in ("portable", "ort-cpu"):
             result = woq(model, "woq:min_size=16", target)
             assert not counts(result)
-            assert any(f"rank {rank}, not 2" in w for w in result.report.warnings)
+            assert any(f"rank {rank}, not 2" in w for w in result.report.notes)
 
 
 def test_weight_that_is_a_graph_input_or_output_stays_float():
@@ -354,7 +354,7 @@ def test_opset_below_21_is_noted_and_upgrade_unlocks_it():
     for target in ("portable", "trt"):
         result = onnxopt.optimize(model, "woq:min_size=16", target=target, isolate=False)
         assert "DequantizeLinear" not in op_types(result.model)
-        assert any("opset >= 21" in w and "--opset 21" in w for w in result.report.warnings)
+        assert any("opset >= 21" in w and "--opset 21" in w for w in result.report.notes)
     upgraded = onnxopt.optimize(model, "woq:min_size=16", opset=21, isolate=False).model
     assert op_types(upgraded) == ["DequantizeLinear", "MatMul", "Relu"]
     assert cosine(model, upgraded, feeds_for()) >= MIN_COSINE[4]
