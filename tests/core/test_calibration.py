@@ -449,3 +449,15 @@ def test_anonymous_dim_names_are_not_tied():
     data = CalibrationData.from_arrays({"x": np.zeros((2, 3, 48, 192), np.float32)}, model=model)
     assert data.num_samples == 2
     assert next(iter(data.batches(2)))["x"].shape == (2, 3, 48, 192)
+
+
+def test_entropy_never_clips_more_than_the_percentile_allows():
+    """KL alone clips a near-zero mass with a sparse tail at 1/16 of the range; the percentile bound keeps the tail."""
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.full(500, 0.05), size=400).ravel()  # softmax-like: most values ~0, one large per row
+    s = calib.stats_from_array("p", probs, bins=2048)
+    floor = compute_range(s, "percentile", symmetric=True, percentile=99.9)[1]
+    for symmetric in (True, False):
+        hi = compute_range(s, "entropy", symmetric=symmetric, percentile=99.9)[1]
+        assert hi >= floor * 0.999
+        assert hi > s.absmax / 16 * 1.5  # the unbounded KL search would stop at its first window
