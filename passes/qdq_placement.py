@@ -22,6 +22,8 @@ from onnxopt.graph import GraphView, is_standard
 from onnxopt.passbase import matches_pattern
 
 ANCHORS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# layers an earlier pass already quantized (int8_dynamic, woq): like an anchor, they end a float tail
+QUANTIZED_LAYERS = frozenset({"DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention", "MatMulNBits", "MatMulInteger", "ConvInteger"})
 # ops that onnxruntime CPU runs in uint8 between DQ and Q (QLinear* kernels, or uint8 directly)
 ORT_INT8 = {"Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "MaxPool", "Sigmoid", "LeakyRelu", "Resize"}
 # ops whose output keeps its input's quantization (onnxruntime drops the Q/DQ around them)
@@ -133,6 +135,8 @@ class Planner:
             node = self.view.producer.get(name)
             if node is None:
                 continue
+            if node.op_type in QUANTIZED_LAYERS:
+                continue  # a layer quantized by an earlier pass: what feeds it is not output precision
             for inp in node.input:
                 if node.op_type in ANCHORS:
                     continue  # the anchor itself stays float; its inputs may be quantized for other readers
