@@ -24,6 +24,8 @@ from onnxopt.graph import iter_scopes
 log = logging.getLogger("onnxopt")
 
 SMALL_TENSOR_ELEMENTS = 4096
+# float tensors this small keep their values too: Resize scales, Pad values and Range bounds drive output shapes
+SMALL_FLOAT_ELEMENTS = 16
 
 
 def _numel(dims) -> int:
@@ -34,9 +36,10 @@ def _numel(dims) -> int:
 
 
 def light_copy(model: ModelProto) -> ModelProto:
-    """A copy of ``model`` whose main-graph initializers are typed inputs, but small integer ones.
+    """A copy of ``model`` whose main-graph initializers are typed inputs, but small integer ones and tiny others.
 
-    Shape inference only needs the values of integer tensors (shape computations); every
+    Shape inference needs the values of integer tensors (shape computations) and of a few tiny
+    float ones (Resize's scales: without them every shape after an upsampling is unknown); every
     other weight keeps its type and shape as a graph input, without its bytes.
     """
     from onnxopt.io import payload_bytes
@@ -50,11 +53,8 @@ def light_copy(model: ModelProto) -> ModelProto:
     inputs = {i.name for i in graph.input}
     keep = []
     for tensor in graph.initializer:
-        if (
-            _numel(tensor.dims) <= SMALL_TENSOR_ELEMENTS
-            and tensor.data_location != onnx.TensorProto.EXTERNAL
-            and tensor.data_type in _INT_TYPES
-        ):
+        limit = SMALL_TENSOR_ELEMENTS if tensor.data_type in _INT_TYPES else SMALL_FLOAT_ELEMENTS
+        if _numel(tensor.dims) <= limit and tensor.data_location != onnx.TensorProto.EXTERNAL:
             keep.append(tensor)
             continue
         if tensor.name not in inputs:

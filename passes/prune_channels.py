@@ -304,6 +304,11 @@ def prune_channels(model: ModelProto, options: PruneChannelsOptions, calibration
         apply_pruning(model, analysis, outcome.keep)
     elif not groups:
         notes.append(f"{PASS_NAME}: no prunable channel group")
+    elif options.ratio > 0:
+        raise OnnxoptError(
+            f"{PASS_NAME}: the {options.by} of the {len(groups)} prunable groups' layers count as zero (shapes unknown after "
+            "an op shape inference cannot follow); give input_shapes=name=1x3xHxW or by=params"
+        )
     if probe is not None and (outcome.keep or outcome.merged):
         outcome.error = probe.error(model)
     _recount(model, base, shapes, calibration, outcome)

@@ -39,3 +39,17 @@ def test_unknown_shapes_are_counted_not_guessed():
     )
     stats = analyze(model, infer_types(model))
     assert stats.flops == 0 and stats.flops_unknown == 1
+
+
+def test_shapes_follow_a_resize_whose_scales_are_an_initializer():
+    """lift_constants turns Resize's scales into an initializer; shape inference still needs their values."""
+    nodes = [
+        helper.make_node("Resize", ["x", "roi", "scales"], ["up"], mode="nearest"),
+        helper.make_node("Conv", ["up", "W"], ["y"]),
+    ]
+    inits = [init("roi", np.zeros(0, np.float32)), init("scales", np.array([1, 1, 2, 2], np.float32))]
+    inits.append(init("W", np.ones((4, 3, 1, 1), np.float32)))
+    model = make_model(nodes, [tensor_input("x", [1, 3, 5, 7])], [tensor_input("y", [1, 4, "h", "w"])], inits)
+    dims = [d.dim_value for d in infer_types(model)["y"].tensor_type.shape.dim]
+    assert dims == [1, 4, 10, 14]
+    assert analyze(model, infer_types(model)).flops_unknown == 0

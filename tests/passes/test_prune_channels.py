@@ -676,3 +676,24 @@ def test_ppocr_det_at_30_percent_of_flops():
     feeds = ppocr_inputs("ppocr_det", 1, seed=2, size=(224, 320))
     removed = check_real(model, result, {"x": (1, 3, 160, 160)}, feeds)
     assert 0.29 <= removed <= 0.38, removed
+
+
+def test_unknown_layer_costs_are_an_error_not_a_silent_no_op():
+    """When shape inference cannot follow the graph to the prunable layers, ratio=0.3 must not quietly prune nothing."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Reshape", ["x", "shape"], ["img"]),  # the target shape is only known at run time
+        helper.make_node("Conv", ["img", "W1"], ["c1"], name="c1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "W2"], ["y"], name="c2"),
+    ]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "W1"),
+        numpy_helper.from_array(rng.standard_normal((8, 16, 1, 1)).astype(np.float32), "W2"),
+    ]
+    inputs = [tensor_input("x", [1, 192]), tensor_input("shape", [4], onnx.TensorProto.INT64)]
+    model = make_model(nodes, inputs, [tensor_input("y", [1, 8, "h", "w"])], inits)
+    with pytest.raises(OnnxoptError, match="prunable groups' layers count as zero .* by=params"):
+        onnxopt.optimize(model, "prune_channels:ratio=0.3,allocation=uniform,input_shapes=x=1x192", isolate=False)
+    pruned = onnxopt.optimize(model, "prune_channels:ratio=0.3,allocation=uniform,by=params", isolate=False).model
+    assert analyze(pruned, infer_types(pruned)).parameters < analyze(model, infer_types(model)).parameters
