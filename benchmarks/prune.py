@@ -10,7 +10,9 @@ after, recounted with onnxopt.analysis on the written model (static input shapes
 CPU latency at 1 thread, the median of ``--runs`` interleaved runs, as a ratio to the unpruned
 model timed in the same loop (det: a 640x640 page); fidelity: mean output cosine over the eval
 inputs (det: also the probability-map IoU at 0.3, as benchmarks/quantize.py measures it).
-The ``+reconstruct`` column runs only when a ``reconstruct`` pass is registered.
+The ``+reconstruct`` column runs only when a ``reconstruct`` pass is registered. Every variant
+runs after ``--base`` (default: the ``default`` preset, as a user would), which is also timed
+alone: its latency ratio shows what pruning adds over the unpruned optimized model.
 """
 
 from __future__ import annotations
@@ -97,12 +99,13 @@ def recount(model: onnx.ModelProto, shape_feeds: dict[str, np.ndarray]) -> tuple
     return stats.parameters, stats.flops
 
 
-def variants(ratio: float, extra: str) -> dict[str, str]:
-    """Pass strings per column; '+reconstruct' only when the pass is registered."""
+def variants(ratio: float, extra: str, base: str = "default") -> dict[str, str]:
+    """Pass strings per column, each after ``base`` (also a column alone); '+reconstruct' only when the pass is registered."""
     from onnxopt.registry import all_passes
 
-    spec = f"prune_channels:ratio={ratio}{extra}"
-    out = {"uniform": f"{spec},allocation=uniform", "sensitivity": f"{spec},allocation=sensitivity"}
+    spec = f"{base}," * bool(base) + f"prune_channels:ratio={ratio}{extra}"
+    out = {base: base} if base else {}
+    out.update({"uniform": f"{spec},allocation=uniform", "sensitivity": f"{spec},allocation=sensitivity"})
     if "reconstruct" in all_passes():
         out["sensitivity+reconstruct"] = f"{spec},allocation=sensitivity,reconstruct"
     else:
@@ -124,7 +127,7 @@ def bench(name: str, args, tmp: Path, out_dir: Path) -> dict:
     row["before"] = {"params": params, "flops": flops}
     paths = {"fp32": src}
     extra = f",scan_batch_size={args.scan_batch_size}{args.options}"
-    for key, passes in variants(args.ratio, extra).items():
+    for key, passes in variants(args.ratio, extra, args.base).items():
         start = time.perf_counter()
         try:
             data = CalibrationData.from_arrays(calib, model=original)
@@ -185,6 +188,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--scan-batch-size", type=int, default=4, help="samples per sensitivity-scan batch (2 batches)")
     parser.add_argument("--options", default="", help="more prune_channels options, e.g. ',round_to=16'")
+    parser.add_argument("--base", default="default", help="passes run before pruning, also timed alone ('': prune the file as shipped)")
     parser.add_argument("--keep", default="", help="folder to keep the pruned models in")
     parser.add_argument("--verbose", action="store_true", help="print the pass notes (the scan, per-layer channels)")
     args = parser.parse_args()
