@@ -1,6 +1,6 @@
 """Low-rank factorization: plain SVD vs activation-aware SVD vs ASVD + reconstruction, on MiniLM, ResNet-50 and PP-OCR det.
 
-    python benchmarks/lowrank.py [--models minilm,resnet50,ppocr_det] [--runs 30] [--keep DIR]
+    python benchmarks/lowrank.py [--models minilm,resnet50,ppocr_det] [--runs 30] [--base default]
 
 * minilm: the MiniLM-size BERT export (/tmp/exports/minilm-dynamo-eager.onnx, exported with
   models/exports.py when missing; seeded random weights), its 12 MLP MatMuls (384x1536, 1536x384)
@@ -17,8 +17,9 @@
   ratio that halves all conv FLOPs.
 
 Variants: ``svd`` (plain SVD, scan on the same data), ``asvd`` (the default: activation-aware SVD)
-and ``asvd+reconstruct`` (the asvd model re-fitted by the ``reconstruct`` pass, original as
-teacher; reported as missing when that pass is not registered).
+and ``asvd+reconstruct`` (the asvd model re-fitted by the ``reconstruct`` pass; reported as
+missing when that pass is not registered). Every variant runs after ``--base`` (default: the
+``default`` preset, as users run it), which is also timed alone and is the teacher of reconstruct.
 
 Latency: onnxruntime CPU, 1 thread, full graph optimizations, batch 1, median of ``--runs``
 interleaved runs of every variant, as a ratio to the original in the same run. Counts: the
@@ -51,6 +52,7 @@ from timing import latency, session  # noqa: E402  (benchmarks/timing.py)
 MODELS = ("minilm", "resnet50", "ppocr_det")
 MINILM = Path("/tmp/exports/minilm-dynamo-eager.onnx")
 RESNET = Path("/tmp/exports/resnet50-legacy.onnx")
+BASE = "default"  # --base: passes before lowrank (the teacher of reconstruct is the model after them)
 MLP_SIZE = 384 * 1536  # min_size that selects exactly the MLP MatMuls of MiniLM
 
 
@@ -108,6 +110,7 @@ def optimize(model: onnx.ModelProto, passes: str, calib: dict[str, np.ndarray]) 
     from onnxopt.calibration import CalibrationData
 
     start = time.perf_counter()
+    passes = f"{BASE},{passes}" if BASE else passes
     result = onnxopt.optimize(model, passes, calibration=CalibrationData.from_arrays(calib, model=model), isolate=False)
     seconds = time.perf_counter() - start
     record = next(r for r in result.report.passes if r.name == "lowrank")
@@ -178,14 +181,20 @@ def build(model: onnx.ModelProto, calib: dict[str, np.ndarray], specs: dict[str,
     Each ``asvd*`` variant is followed by ``reconstruct`` (original as teacher) as ``<name>+reconstruct``
     when that pass is registered; ``more(name, model)`` may return further specs to run.
     """
+    import onnxopt
+
     built: dict[str, tuple] = {}
+    teacher = model
+    if BASE:  # the unfactorized model after the base passes: timed alone, and the teacher of reconstruct
+        teacher = onnxopt.optimize(model, BASE, isolate=False).model
+        built[BASE] = (teacher, {}, [], 0.0)
     queue = dict(specs)
     while queue:
         name = next(iter(queue))
         out, counts, notes, seconds = optimize(model, queue.pop(name), calib)
         built[name] = (out, counts, notes, seconds)
         if name.startswith("asvd") and has_reconstruct():
-            refit, extra = reconstruct(out, model, calib)
+            refit, extra = reconstruct(out, teacher, calib)
             built[f"{name}+reconstruct"] = (refit, counts, notes, seconds + extra)
         if more is not None:
             queue.update(more(name, out, notes))
@@ -326,7 +335,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--base", default="default", help="passes run before lowrank, also timed alone ('': the file as shipped)")
     args = parser.parse_args()
+    global BASE  # noqa: PLW0603 - a module setting, as EXPORTS in quantize.py
+    BASE = args.base
     for name in args.models.split(","):
         row = bench_minilm(args.runs) if name == "minilm" else bench_conv(name, args.runs)
         print(json.dumps(row), flush=True)
