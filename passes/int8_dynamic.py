@@ -317,6 +317,21 @@ class _Emitter:
         self.replaced[id(node)] = [*before, new]
 
 
+def _orphaned_constants(view: GraphView, replaced: dict[int, list[NodeProto]]) -> set[str]:
+    """Constants (weights, folded biases, Gemm's C) read only by the rewritten nodes and not by what replaces them."""
+    new_inputs = {i for nodes in replaced.values() for n in nodes for i in n.input}
+    names = set()
+    for node in view.nodes:
+        if id(node) not in replaced:
+            continue
+        for name in node.input:
+            if not name or name in new_inputs or name in view.graph_outputs or constant_tensor(view, name) is None:
+                continue
+            if all(id(reader) in replaced for reader in view.consumers.get(name, [])):
+                names.add(name)
+    return names
+
+
 def _drop_weights(scope: GraphScope, view: GraphView, names: set[str], replaced: dict[int, list[NodeProto]]) -> None:
     """Remove the float weights every reader of which was rewritten (initializers or Constant nodes)."""
     for name in names:
@@ -376,7 +391,7 @@ class DynamicInt8(Pass):
             work = [(position[id(x.node)], 0, x) for x in found.layers] + [(position[id(x)], 1, x) for x in found.attention]
             for _, kind, item in sorted(work, key=lambda w: w[0]):  # graph order: a shared DynamicQuantizeLinear goes first
                 emit.layer(item) if kind == 0 else emit.attention(item)
-            _drop_weights(scope, view, set(emit.weights), emit.replaced)
+            _drop_weights(scope, view, _orphaned_constants(view, emit.replaced), emit.replaced)
             scope.graph.initializer.extend(emit.initializers)
             replace_nodes(scope.graph, view.nodes, emit.replaced)
             result.count("layers_int8", len(found.layers))

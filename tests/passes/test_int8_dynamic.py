@@ -83,7 +83,9 @@ def test_ort_cpu_writes_dynamic_quantize_matmul_with_folded_biases():
     counts = ops(result.model)
     assert counts["com.microsoft:DynamicQuantizeMatMul"] == 3
     assert counts["MatMul"] == counts["Gemm"] == counts["Add"] == 0  # both bias Adds and Gemm's C went into the kernel
-    assert {t.name for t in result.model.graph.initializer}.isdisjoint({"W1", "W2", "W3"})
+    assert {t.name for t in result.model.graph.initializer}.isdisjoint({"W1", "W2", "W3", "b1", "b2", "C3"})  # nothing left unused
+    used = {i for n in result.model.graph.node for i in n.input}
+    assert all(t.name in used for t in result.model.graph.initializer)
     assert all(c > 0.999 for c in closeness(model, result.model, feeds()).values())
     assert result.report.passes[-1].counts["layers_int8"] == 3
 
