@@ -9,6 +9,10 @@ calibration batches and what each level saves, then lets
 :func:`onnxopt.passes.compression_budget.allocate` spend the budget where it hurts least. Savings
 of groups that share a layer are not additive (a conv between two pruned groups shrinks by the
 product of both keep fractions), so the allocation's target is raised until the recount reaches it.
+
+A group under a grouped-conv constraint (``ChannelGroup.segments`` > 1) keeps a multiple of
+``segments`` channels (:meth:`Limits.kept` rounds to ``lcm(round_to, segments)``), the best
+``kept / segments`` of each segment (:func:`top_mask`).
 """
 
 from __future__ import annotations
@@ -40,28 +44,53 @@ class Limits:
     min_channels: int = 8
     max_layer_ratio: float = 0.75
 
-    def kept(self, channels: int, fraction: float) -> int:
-        """Channels kept when removing ``fraction`` of ``channels``, after the floors and the rounding."""
+    def kept(self, channels: int, fraction: float, segments: int = 1) -> int:
+        """Channels kept when removing ``fraction`` of ``channels``, after the floors and the rounding.
+
+        ``segments`` (a group's grouped-conv constraint, a divisor of ``channels``): the count is a
+        multiple of it. The rounding step is ``lcm(round_to, segments)`` while ``channels`` exceeds
+        that, else ``segments`` alone (with ``segments`` 1 that is today's rule: no rounding in
+        groups no wider than ``round_to``).
+        """
         floor = max(min(channels, self.min_channels), math.ceil(channels * (1.0 - self.max_layer_ratio) - 1e-9), 1)
         kept = max(channels - math.floor(fraction * channels + 0.5), floor)
-        step = self.round_to
-        if step > 1 and channels > step:
+        step = math.lcm(self.round_to, segments)
+        if channels <= step:  # rounding to round_to would leave only all channels: the segments alone
+            step = segments
+        if step > 1:
             kept = max(step, math.floor(kept / step + 0.5) * step)  # nearest multiple, halves up
             if kept < floor:
                 kept = math.ceil(floor / step) * step
         return min(kept, channels)
 
-    def floor(self, channels: int) -> int:
+    def floor(self, channels: int, segments: int = 1) -> int:
         """The fewest channels a group may keep."""
-        return self.kept(channels, 1.0)
+        return self.kept(channels, 1.0, segments)
+
+    def kept_in(self, group: ChannelGroup, fraction: float) -> int:
+        """:meth:`kept` for a group (its channels and segments)."""
+        return self.kept(group.channels, fraction, group.segments)
 
 
-def top_mask(scores: np.ndarray, kept: int) -> np.ndarray:
-    """Keep the ``kept`` highest-scoring channels (ties: the lower index)."""
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    mask = np.zeros(len(scores), bool)
-    mask[order[:kept]] = True
-    return mask
+def top_mask(scores: np.ndarray, kept: int, segments: int = 1) -> np.ndarray:
+    """Keep the ``kept`` highest-scoring channels (ties: the lower index); with ``segments``, ``kept / segments`` in each.
+
+    ``segments`` equal contiguous segments of the channels (a group's grouped-conv constraint)
+    each keep their own top ``kept // segments``; ``kept`` must be a multiple of ``segments``.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if kept % segments or len(scores) % segments:
+        raise ValueError(f"top_mask: {kept} of {len(scores)} channels do not split into {segments} equal segments")
+    rows = scores.reshape(segments, -1)
+    order = np.argsort(-rows, axis=1, kind="stable")[:, : kept // segments]
+    mask = np.zeros(rows.shape, bool)
+    np.put_along_axis(mask, order, True, axis=1)
+    return mask.reshape(-1)
+
+
+def group_mask(group: ChannelGroup, scores: dict[int, np.ndarray], kept: int) -> np.ndarray:
+    """:func:`top_mask` of the group's scores under its segments."""
+    return top_mask(scores[group.index], kept, group.segments)
 
 
 Saving = Callable[[Keep], float]  # what pruning with these masks saves (parameters, FLOPs or estimated seconds)
@@ -86,7 +115,7 @@ def uniform_keep(
 
     def masks(fraction: float) -> Keep:
         """Every group at ``fraction``."""
-        return {g.index: top_mask(scores[g.index], limits.kept(g.channels, fraction)) for g in groups}
+        return {g.index: group_mask(g, scores, limits.kept_in(g, fraction)) for g in groups}
 
     low, high = 0.0, 1.0
     if saving(masks(high)) < target:
@@ -107,19 +136,20 @@ def _fill(groups, scores, saving: Saving, target: float, limits: Limits, low: fl
     may move many groups at once and overshoot. Taking the smallest steps first stops within one
     group's step of the target.
     """
-    kept = {g.index: limits.kept(g.channels, low) for g in groups}
+    by_index = {g.index: g for g in groups}
+    kept = {g.index: limits.kept_in(g, low) for g in groups}
     steps = []
     for group in groups:
-        further = limits.kept(group.channels, high)
+        further = limits.kept_in(group, high)
         if further < kept[group.index]:
-            step = saving({group.index: top_mask(scores[group.index], further)})
-            step -= saving({group.index: top_mask(scores[group.index], kept[group.index])})
+            step = saving({group.index: group_mask(group, scores, further)})
+            step -= saving({group.index: group_mask(group, scores, kept[group.index])})
             steps.append((step, group.index, further))
-    current = {i: top_mask(scores[i], k) for i, k in kept.items()}
+    current = {i: group_mask(by_index[i], scores, k) for i, k in kept.items()}
     for _, index, further in sorted(steps):
         if saving(current) >= target:
             break
-        current[index] = top_mask(scores[index], further)
+        current[index] = group_mask(by_index[index], scores, further)
     return current
 
 
@@ -153,11 +183,11 @@ def sensitivity_scan(
         points: list[tuple[float, int, float, float]] = []
         seen: set[int] = set()
         for fraction in levels:
-            kept = limits.kept(group.channels, fraction)
+            kept = limits.kept_in(group, fraction)
             if kept >= group.channels or kept in seen:
                 continue
             seen.add(kept)
-            keep = {group.index: top_mask(scores[group.index], kept)}
+            keep = {group.index: group_mask(group, scores, kept)}
             variant = ModelProto()
             variant.CopyFrom(model)
             apply_pruning(variant, analysis, keep)
@@ -180,7 +210,7 @@ def sensitivity_keep(
     reached = False
     for _ in range(TARGET_ROUNDS):
         allocation = allocate(curves, goal)
-        keep = {by_key[k].index: top_mask(scores[by_key[k].index], int(level.level)) for k, level in allocation.chosen.items()}
+        keep = {by_key[k].index: group_mask(by_key[k], scores, int(level.level)) for k, level in allocation.chosen.items()}
         saved = saving(keep)
         best = keep
         if saved >= target * (1 - 1e-9):
@@ -208,13 +238,13 @@ def _trim(keep: Keep, rows: list[ScanRow], scores: dict[int, np.ndarray], saving
             continue
         current = int(keep[index].sum())
         channels = row.group.channels
-        allowed = {limits.kept(channels, i / channels) for i in range(channels + 1)} | {channels}
+        allowed = {limits.kept_in(row.group, i / channels) for i in range(channels + 1)} | {channels}
         for kept in sorted((k for k in allowed if k > current), reverse=True):
             trial = dict(keep)
             if kept >= row.group.channels:
                 trial.pop(index)
             else:
-                trial[index] = top_mask(scores[index], kept)
+                trial[index] = group_mask(row.group, scores, kept)
             if saving(trial) >= target * (1 - 1e-9):
                 keep = trial
                 break

@@ -14,16 +14,25 @@ parameters, per-channel operands of elementwise ops, depthwise weights, consumer
 Attributes and shape constants that follow a channel count are :class:`Edit` s (a depthwise
 conv's ``group``, Split sizes, a flattening Reshape's target, Resize sizes).
 
+A grouped conv (1 < group < channels) produces a space and consumes its input's channels like a
+plain conv, under one constraint recorded as ``segments`` on the space (and the group: the lcm):
+each of its ``group`` contiguous segments of output (input) channels keeps the same count, so the
+conv stays valid with the same ``group``. Its weight is sliced along axis 0 as a producer, and
+block-diagonally along axis 1 as a consumer (``AxisSlice.blocks``: the rows of output group j
+keep the input positions input group j keeps).
+
 Whatever reads a group's tensor with a channel meaning the rewrite cannot follow (a graph output,
 Shape, Transpose, a Reshape that is not a flatten into Gemm/MatMul, Softmax over channels, a
-grouped conv, an unknown op or domain, a subgraph) blocks the whole group; the reasons are kept.
+grouped conv reading anything but one whole channel space or with one input channel per group, an
+unknown op or domain, a subgraph) blocks the whole group; the reasons are kept.
 The analysis never mutates the model.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from onnx import GraphProto, ModelProto, NodeProto, TypeProto
@@ -64,7 +73,12 @@ __all__ = [
 
 @dataclass
 class ChannelGroup:
-    """Tied channel spaces: one keep mask of ``channels`` entries prunes them all, with every slice and edit listed."""
+    """Tied channel spaces: one keep mask of ``channels`` entries prunes them all, with every slice and edit listed.
+
+    ``segments``: the mask's ``channels`` split into that many equal contiguous segments must keep
+    the same number of channels in each (the lcm of the groups of the grouped convs that produce
+    or read the group; 1 without grouped convs).
+    """
 
     index: int
     name: str
@@ -75,6 +89,7 @@ class ChannelGroup:
     edits: list[Edit] = field(default_factory=list)
     values: list[str] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
+    segments: int = 1
 
     @property
     def prunable(self) -> bool:
@@ -123,9 +138,15 @@ class ChannelAnalysis:
         return np.repeat(flat, cmap.inner) if cmap.inner > 1 else flat
 
     def removal(self, group: ChannelGroup, channel: int) -> list[tuple[str, int, int, int]]:
-        """What removing ``channel`` of ``group`` removes: (constant, axis, start, stop) index ranges."""
+        """What removing ``channel`` of ``group`` removes: (constant, axis, start, stop) index ranges.
+
+        Block-diagonal slices (a grouped conv's weight read as a consumer, ``blocks`` > 1) are left
+        out: their entries are no single range of one axis.
+        """
         ranges = []
         for piece in group.slices:
+            if piece.blocks > 1:
+                continue
             cmap = self.maps[piece.value]
             offset = 0
             for seg in cmap.segments:
@@ -195,9 +216,13 @@ class Walk:
         dims = self.dims(name)
         return None if dims is None else len(dims)
 
-    def add_slice(self, constant: str, axis: int, value: str, node: int, role: str) -> None:
+    def add_slice(self, constant: str, axis: int, value: str, node: int, role: str, blocks: int = 1) -> None:
         """Record an AxisSlice."""
-        self.slices.append(AxisSlice(constant, axis, value, node, role))
+        self.slices.append(AxisSlice(constant, axis, value, node, role, blocks=blocks))
+
+    def require_segments(self, space: int, count: int) -> None:
+        """Require ``count`` equal contiguous segments of ``space`` to keep equal numbers of channels (lcm with earlier ones)."""
+        self.spaces[space].segments = math.lcm(self.spaces[space].segments, count)
 
     def new_space(self, node: int, value: str, size: int, weight: str, weight_axis: int, rank: int, axis: int) -> None:
         """Create the output space of a producer and map its output."""
@@ -333,7 +358,7 @@ def _placed_slices(walk: Walk) -> tuple[list[AxisSlice], dict[AxisSlice, str]]:
         elif weight:
             reasons[piece] = f"weight '{name}' is shared by {len(readers)} nodes" if shared else f"weight '{name}' is read through Identity"
         else:
-            piece = AxisSlice(piece.constant, piece.axis, piece.value, piece.node, piece.role, source)
+            piece = replace(piece, source=source)
         placed.append(piece)
     return placed, reasons
 
@@ -365,7 +390,9 @@ def analyze_channels(
     for i, root in enumerate(order):
         spaces = [s for s, r in enumerate(roots) if r == root]
         producers = [walk.spaces[s].node for s in spaces]
-        groups.append(ChannelGroup(i, _group_name(walk, spaces), walk.spaces[root].size, spaces, producers))
+        group = ChannelGroup(i, _group_name(walk, spaces), walk.spaces[root].size, spaces, producers)
+        group.segments = math.lcm(*(walk.spaces[s].segments for s in spaces))
+        groups.append(group)
     for cmap_name, cmap in walk.maps.items():
         for g in sorted({space_group[s] for s in cmap.spaces()}):
             groups[g].values.append(cmap_name)
@@ -390,7 +417,19 @@ def analyze_channels(
                 group.reasons.append(reason)
         if exclude and any(_matches(walk, walk.spaces[s], exclude) for s in group.spaces):
             group.reasons.append("excluded by option 'exclude'")
+        reason = _segments_reason(group)
+        if reason:
+            group.reasons.append(reason)
     return ChannelAnalysis(model.graph, walk.view.nodes, walk.maps, walk.spaces, groups, space_group)
+
+
+def _segments_reason(group: ChannelGroup) -> str:
+    """Why the group's grouped-conv constraint leaves nothing to prune ("" when it does not)."""
+    if group.channels % group.segments:
+        return f"grouped convs need {group.segments} equal segments of its {group.channels} channels"
+    if 1 < group.segments == group.channels:
+        return f"grouped convs leave one channel in each of its {group.segments} segments"
+    return ""
 
 
 def _matches(walk: Walk, space: Space, patterns: Sequence[str]) -> bool:

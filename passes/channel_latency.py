@@ -21,7 +21,7 @@ from onnx import ModelProto, TensorProto, TypeProto, helper
 
 from onnxopt.analysis import FLOP_OPS, node_flops
 from onnxopt.passes.channel_groups import ChannelAnalysis
-from onnxopt.passes.channel_surgery import Keep, active, constant_masks
+from onnxopt.passes.channel_surgery import Keep, active, axis_size, constant_masks
 from onnxopt.shapes import elem_type, static_shape
 
 PEAK_FLOPS = 50e9  # FLOP/s one core sustains in convolutions (MLAS, fp32, AVX2/AVX-512)
@@ -95,7 +95,7 @@ class LatencyModel:
         for target, axes in constant_masks(self.analysis, keep).items():
             if target.node is None:
                 old = self.dims[target.constant]
-                kept = np.prod([int(axes[a].sum()) if a in axes else d for a, d in enumerate(old)])
+                kept = np.prod([axis_size(axes[a]) if a in axes else d for a, d in enumerate(old)])
                 fractions[target.constant] = float(kept) / float(np.prod(old))
         return fractions
 

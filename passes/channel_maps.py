@@ -140,6 +140,7 @@ class Space:
     weight: str
     weight_axis: int
     reasons: list[str] = field(default_factory=list)
+    segments: int = 1  # equal contiguous segments whose kept counts must be equal (grouped convs)
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,10 @@ class AxisSlice:
     ``role``: "producer" (the producer's weight/bias), "consumer" (a reader's weight, along its
     input-channel axis), or "channel" (a per-channel parameter on the path: BatchNormalization,
     elementwise operands, depthwise weights).
+
+    ``blocks`` > 1 (a grouped conv's weight read as a consumer): the constant's axis 0 is
+    ``blocks`` contiguous blocks of rows, and block j's ``axis`` is indexed by channels
+    ``j * n : (j + 1) * n`` of ``value`` (n = the axis' size), a block-diagonal slice.
     """
 
     constant: str
@@ -157,6 +162,7 @@ class AxisSlice:
     node: int
     role: str
     source: str | None = None  # set: write a private sliced copy of this constant and point the node at it
+    blocks: int = 1
 
     @property
     def private(self) -> bool:

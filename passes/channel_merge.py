@@ -9,7 +9,8 @@ W[:, j] alpha a_i``. Adding ``alpha * W[:, j]`` into ``W[:, i]`` and removing j 
 outputs unchanged (exactly for exactly parallel filters; nearly for cosine above the threshold).
 A zero filter (its channel is a constant 0 after the path) is removed with ``alpha = 0``.
 
-Only groups with one producer qualify, and only when every path from the producer to a consumer
+Groups under a grouped-conv constraint (``segments`` > 1) are skipped: merges remove channels one
+by one, not in equal numbers per segment. Only groups with one producer qualify, and only when every path from the producer to a consumer
 is of that form (:func:`merge_path`). The consumer update is done in place; the removal itself is
 :func:`onnxopt.passes.channel_surgery.apply_pruning`.
 """
@@ -239,6 +240,9 @@ def merge_groups(
     plans: list[MergePlan] = []
     skipped: dict[str, int] = {}
     for group in groups:
+        if group.segments > 1:  # merging removes channels one by one, not equally per grouped-conv segment
+            skipped["grouped conv (equal counts per group)"] = skipped.get("grouped conv (equal counts per group)", 0) + 1
+            continue
         try:
             affine = merge_path(analysis, view, arrays, group)
         except NotMergeable as exc:

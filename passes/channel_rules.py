@@ -1,7 +1,7 @@
 """The channel analysis rules of the ops it follows: producers, normalisation, pooling and shape ops.
 
 Producers (Conv, ConvTranspose, Gemm, MatMul with constant weights) open channel spaces and
-consume their inputs' channels; the other rules pass channels through. Each rule is
+consume their inputs' channels (grouped convs with equal kept counts per group); the other rules pass channels through. Each rule is
 ``rule(walk, index, node, tracked)``: it reads the node's tracked input maps (``tracked[i]`` for
 ``node.input[i]``, None when untracked), records slices and edits on the walk and maps the outputs,
 or raises :class:`~onnxopt.passes.channel_maps.Blocked` with the reason the node's tracked inputs
@@ -304,7 +304,7 @@ def consume(walk: Walk, index: int, node: NodeProto, cmap: ChannelMap | None, we
 
 
 def rule_conv(walk: Walk, index: int, node: NodeProto, tracked: list[ChannelMap | None]) -> None:
-    """Conv: group 1 consumes and produces; depthwise passes channels through; other grouped convs block."""
+    """Conv: group 1 consumes and produces; depthwise passes channels through; other grouped convs: see :func:`grouped_conv`."""
     weight = node.input[1] if len(node.input) > 1 else ""
     wdims = walk.consts.float_weight(weight)
     if any(tracked[1:]):
@@ -333,8 +333,33 @@ def rule_conv(walk: Walk, index: int, node: NodeProto, tracked: list[ChannelMap 
         walk.edits.append(Edit("group", index, node.input[0]))
         walk.forward(node, cmap)
         return
+    grouped_conv(walk, index, node, cmap, weight, wdims, group, bias)
+
+
+def grouped_conv(
+    walk: Walk, index: int, node: NodeProto, cmap: ChannelMap | None, weight: str, wdims: tuple[int, ...], group: int, bias: str
+) -> None:
+    """A grouped conv (weight [Cout, Cin/group, ...]): consumes and produces with equal kept counts in each of its groups.
+
+    As a consumer it must read one whole channel space on axis 1 (the space gets ``segments``
+    ``group``) and its weight is sliced block-diagonally along axis 1; as a producer its output
+    space gets ``segments`` ``group``. One input channel per group (a depthwise conv with a
+    channel multiplier) blocks what it reads.
+    """
+    label = f"grouped {node_label(node)} (group={group})"
+    if wdims[0] % group:
+        raise Blocked(f"{label} has {wdims[0]} output channels, not a multiple of its group")
     if cmap is not None:
-        raise Blocked(f"grouped {node_label(node)} (group={group}, not depthwise)")
+        if wdims[1] == 1:
+            raise Blocked(f"{label} reads one input channel per group")
+        whole = len(cmap.segments) == 1 and walk.full(cmap.segments[0])
+        if not whole or cmap.axis != 1 or cmap.inner != 1 or cmap.channels != group * wdims[1]:
+            raise Blocked(f"{label} reads channels that are not one whole channel space on axis 1")
+        walk.add_slice(weight, 1, node.input[0], index, "consumer", blocks=group)
+        walk.require_segments(cmap.segments[0].space, group)  # type: ignore[arg-type]
+    produce(walk, index, node, weight, 0, wdims[0], len(wdims), 1, bias)
+    if node.output[0] in walk.maps:
+        walk.require_segments(walk.maps[node.output[0]].segments[0].space, group)  # type: ignore[arg-type]
 
 
 def produce(

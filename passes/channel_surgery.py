@@ -41,6 +41,12 @@ def active(analysis: ChannelAnalysis, keep: Keep) -> Keep:
             raise OnnxoptError(f"prune_channels: group '{group.name}' is not prunable: {group.reasons[0]}")
         if not mask.any():
             raise OnnxoptError(f"prune_channels: group '{group.name}' would keep no channel")
+        counts = mask.reshape(group.segments, -1).sum(axis=1)
+        if (counts != counts[0]).any():
+            raise OnnxoptError(
+                f"prune_channels: keep mask of group '{group.name}' keeps {counts.tolist()} channels in its {group.segments} "
+                "segments; its grouped convs need equal counts"
+            )
         if not mask.all():
             out[index] = mask
     return out
@@ -73,11 +79,17 @@ class Target:
 
 
 def constant_masks(analysis: ChannelAnalysis, keep: Keep) -> dict[Target, dict[int, np.ndarray]]:
-    """For each constant to slice: axis -> bool mask of the entries that stay."""
+    """For each constant to slice: axis -> bool mask of the entries that stay.
+
+    A block-diagonal slice (``AxisSlice.blocks`` > 1) has a 2-D mask [blocks, n]: row j says which
+    entries of the axis the constant's j-th block of axis-0 rows keeps.
+    """
     masks: dict[Target, dict[int, np.ndarray]] = {}
     pieces: list[AxisSlice] = _touched(analysis, keep, lambda g: g.slices)
     for piece in pieces:
         mask = analysis.value_mask(piece.value, keep)
+        if piece.blocks > 1:
+            mask = mask.reshape(piece.blocks, -1)
         target = Target(piece.constant, piece.node, piece.source) if piece.private else Target(piece.constant)
         axes = masks.setdefault(target, {})
         previous = axes.get(piece.axis)
@@ -135,11 +147,30 @@ class ConstantStore(Mapping[str, np.ndarray]):
             attr.t.CopyFrom(numpy_helper.from_array(array, attr.t.name))
 
 
+def axis_size(mask: np.ndarray) -> int:
+    """The size of an axis after slicing with ``mask`` (1-D, or 2-D block-diagonal: the count each block keeps)."""
+    return int(mask.sum()) // (mask.shape[0] if mask.ndim == 2 else 1)
+
+
 def slice_array(array: np.ndarray, axes: dict[int, np.ndarray]) -> np.ndarray:
-    """``array`` with only the masked entries along each axis."""
-    for axis in sorted(axes):
-        array = np.compress(axes[axis], array, axis=axis)
+    """``array`` with only the masked entries along each axis (2-D masks first: block-diagonal, on the original rows)."""
+    for axis in sorted(axes, key=lambda a: (axes[a].ndim != 2, a)):
+        mask = axes[axis]
+        array = _block_compress(array, mask, axis) if mask.ndim == 2 else np.compress(mask, array, axis=axis)
     return np.ascontiguousarray(array)
+
+
+def _block_compress(array: np.ndarray, mask: np.ndarray, axis: int) -> np.ndarray:
+    """Rows of block j (axis 0 cut into ``len(mask)`` equal blocks) keep the entries ``mask[j]`` of ``axis``."""
+    blocks, size = mask.shape
+    kept = axis_size(mask)
+    if axis == 0 or array.shape[axis] != size or array.shape[0] % blocks or (mask.sum(axis=1) != kept).any():
+        raise OnnxoptError(f"prune_channels: a block-diagonal slice of axis {axis} does not fit a constant of shape {list(array.shape)}")
+    moved = np.moveaxis(array, axis, 1)
+    rows = moved.reshape(blocks, array.shape[0] // blocks, size, -1)
+    columns = np.nonzero(mask)[1].reshape(blocks, 1, kept, 1)
+    picked = np.take_along_axis(rows, columns, axis=2)
+    return np.moveaxis(picked.reshape(array.shape[0], kept, *moved.shape[2:]), 1, axis)
 
 
 def apply_pruning(model: ModelProto, analysis: ChannelAnalysis, keep: Keep, names: NameGenerator | None = None) -> set[str]:
@@ -321,7 +352,7 @@ class CostModel:
             old = self.dims[target.origin]
             new = list(old)
             for axis, mask in axes.items():
-                new[axis] = int(mask.sum())
+                new[axis] = axis_size(mask)
             if target.node is not None:  # a private copy: the original stays for its other readers
                 params += _numel(new)
                 continue

@@ -25,7 +25,16 @@ from onnx import ModelProto, TypeProto
 from onnxopt.errors import OnnxoptError, OptionError
 from onnxopt.graph import node_label
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_choices, check_patterns, option
-from onnxopt.passes.channel_allocation import Limits, Saving, ScanRow, saving_of, sensitivity_keep, sensitivity_scan, uniform_keep
+from onnxopt.passes.channel_allocation import (
+    Limits,
+    Saving,
+    ScanRow,
+    saving_of,
+    sensitivity_keep,
+    sensitivity_scan,
+    top_mask,
+    uniform_keep,
+)
 from onnxopt.passes.channel_groups import PRODUCER_OPS, ChannelAnalysis, ChannelGroup, analyze_channels
 from onnxopt.passes.channel_latency import LatencyModel
 from onnxopt.passes.channel_merge import fold_consumers, merge_groups
@@ -222,7 +231,7 @@ def _merge(model: ModelProto, analysis: ChannelAnalysis, options: PruneChannelsO
     """Fold nearly parallel filters into their survivors and remove them; returns how many channels went."""
     store = ConstantStore(model.graph)
     groups = analysis.prunable()
-    floors = {g.index: options.limits.floor(g.channels) for g in groups}
+    floors = {g.index: options.limits.floor(g.channels, g.segments) for g in groups}
     plans, skipped = merge_groups(model, analysis, store, groups, options.merge_similar, floors)
     for plan in plans:
         for name in sorted(fold_consumers(store, analysis, analysis.groups[plan.group], plan.pairs)):
@@ -246,9 +255,7 @@ def _scan_groups(groups: list[ChannelGroup], saving: Saving, options: PruneChann
 
     def potential(group: ChannelGroup) -> float:
         """What the group saves at the deepest level."""
-        mask = np.ones(group.channels, bool)
-        mask[options.limits.kept(group.channels, deepest) :] = False
-        return saving({group.index: mask})
+        return saving({group.index: top_mask(np.zeros(group.channels), options.limits.kept_in(group, deepest), group.segments)})
 
     ranked = sorted(groups, key=lambda g: (-potential(g), g.index))[: options.max_scan_groups]
     chosen = {g.index for g in ranked}
@@ -410,9 +417,11 @@ class PruneChannels(Pass):
     Pre: types inferred. The dependency analysis follows each producer's output channels through
     BatchNormalization, activations, elementwise ops (per-channel constants are sliced, residual
     Adds tie groups), depthwise convs, pooling, Pad/Resize, Concat/Split, Squeeze/Unsqueeze and a
-    Flatten/Reshape into Gemm/MatMul; anything else that reads a group with a channel meaning
-    (graph outputs, Shape, Transpose, grouped convs, unknown ops or domains, subgraphs) keeps the
-    group whole (a note says why). Only the main graph is pruned; weights must be float/float16
+    Flatten/Reshape into Gemm/MatMul; grouped convs (1 < group < channels) are pruned too, with the
+    same number of channels kept in each of their groups (``group`` stays); anything else that
+    reads a group with a channel meaning (graph outputs, Shape, Transpose, a grouped conv reading a
+    Concat/Split or one channel per group, unknown ops or domains, subgraphs) keeps the group whole
+    (a note says why). Only the main graph is pruned; weights must be float/float16
     constants used by one node.
 
     ``ratio`` is the fraction of the prunable layers' FLOPs (``by=params``: parameters;

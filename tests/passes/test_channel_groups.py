@@ -255,7 +255,7 @@ def blocked_model(reader: str) -> ModelProto:
     elif reader == "transpose":
         nodes += [helper.make_node("Transpose", ["r"], ["y"], name="reader", perm=[0, 2, 3, 1])]
     elif reader == "grouped":
-        nodes += [conv("reader", "r", "y", 4, 8, group=2, inits=inits)]
+        nodes += [conv("reader", "r", "y", 16, 8, group=8, inits=inits)]  # a depthwise conv with channel multiplier 2
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]
     graph = helper.make_graph(nodes, "blocked", [tensor_input("x", [1, 3, 8, 8])], outputs, inits)
     return helper.make_model(graph, opset_imports=opsets, ir_version=8)
@@ -270,7 +270,7 @@ def blocked_model(reader: str) -> ModelProto:
         ("subgraph", "read inside a subgraph of 'reader' (If)"),
         ("output", "'r' is a graph output"),
         ("transpose", "read by 'reader' (Transpose)"),
-        ("grouped", "grouped 'reader' (Conv) (group=2, not depthwise)"),
+        ("grouped", "grouped 'reader' (Conv) (group=8) reads one input channel per group"),
     ],
 )
 def test_blocked_readers_keep_the_group_whole_with_a_reason(reader, reason):

@@ -104,6 +104,15 @@ def set_weight(model: ModelProto, name: str, array: np.ndarray) -> None:
     raise KeyError(name)
 
 
+def dead_channels(rng: np.random.Generator, channels: int, segments: int, fraction: float) -> np.ndarray:
+    """Random channels to remove: ``fraction`` of them (at least one), the same number in each of ``segments`` equal segments."""
+    if segments == 1:
+        return rng.choice(channels, size=max(1, int(channels * fraction)), replace=False)
+    size = channels // segments
+    count = max(1, int(size * fraction))
+    return np.concatenate([j * size + rng.choice(size, size=count, replace=False) for j in range(segments)])
+
+
 def zero_channels(model: ModelProto, fraction: float = 0.25, seed: int = 3) -> dict[int, np.ndarray]:
     """Make some channels of every prunable group exactly 0 at the consumers; returns the masks of the others.
 
@@ -116,7 +125,7 @@ def zero_channels(model: ModelProto, fraction: float = 0.25, seed: int = 3) -> d
     rng = np.random.default_rng(seed)
     keep = {}
     for group in analysis.prunable():
-        dead = rng.choice(group.channels, size=max(1, int(group.channels * fraction)), replace=False)
+        dead = dead_channels(rng, group.channels, group.segments, fraction)
         mask = np.ones(group.channels, bool)
         mask[dead] = False
         keep[group.index] = mask
