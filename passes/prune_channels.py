@@ -459,7 +459,7 @@ class PruneChannels(Pass):
         result.notes.extend(outcome.notes)
         result.count("channels_removed", outcome.channels_removed)
         result.count("channels_merged", outcome.merged)
-        result.count("groups_pruned", len(outcome.keep))
+        result.count("groups_pruned", sum(1 for mask in outcome.keep.values() if not np.all(mask)))
         if result.modified:
             ctx.invalidate()
         return result

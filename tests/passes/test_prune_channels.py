@@ -706,3 +706,24 @@ def test_unknown_layer_costs_are_an_error_not_a_silent_no_op():
         onnxopt.optimize(model, "prune_channels:ratio=0.3,allocation=uniform,input_shapes=x=1x192", isolate=False)
     pruned = onnxopt.optimize(model, "prune_channels:ratio=0.3,allocation=uniform,by=params", isolate=False).model
     assert analyze(pruned, infer_types(pruned)).parameters < analyze(model, infer_types(model)).parameters
+
+
+def test_groups_pruned_counts_only_groups_that_lost_channels():
+    rng = np.random.default_rng(1)
+    nodes = [
+        helper.make_node("Conv", ["x", "W1"], ["c1"], name="narrow", pads=[1, 1, 1, 1]),  # 8 channels: at min_channels
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "W2"], ["c2"], name="wide", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "W3"], ["y"], name="head"),
+    ]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "W1"),
+        numpy_helper.from_array(rng.standard_normal((64, 8, 3, 3)).astype(np.float32), "W2"),
+        numpy_helper.from_array(rng.standard_normal((4, 64, 1, 1)).astype(np.float32), "W3"),
+    ]
+    model = make_model(nodes, [tensor_input("x", [1, 3, 16, 16])], [tensor_input("y", [1, 4, 16, 16])], inits)
+    result = onnxopt.optimize(model, "prune_channels:ratio=0.3,allocation=uniform", isolate=False)
+    record = next(r for r in result.report.passes if r.name == PASS_NAME)
+    assert record.counts["groups_pruned"] == 1, record.counts
+    assert record.counts["channels_removed"] > 0
