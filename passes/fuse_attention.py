@@ -713,11 +713,10 @@ class FuseAttention(Pass):
         op_type, opset = ("Attention", 23) if ctx.target in ("portable", "trt") else ("MultiHeadAttention", 1)
         plans: dict[int, Plan] = {}
         packed = bool(self.options.packed)  # type: ignore[attr-defined]
-        if "int8_dynamic" in ctx.later and packed:
-            # packed Attention keeps its QKV weights float (QAttention cannot take an attention_bias mask); with
-            # MultiHeadAttention the projections stay MatMuls that int8_dynamic quantizes (MiniLM, 1 thread: 0.42x of FP32)
-            packed = False
-            result.notes.append(f"{self.name}: attention fused unpacked: the int8_dynamic pass that follows quantizes its projections")
+        # packed Attention keeps its QKV weights float (QAttention cannot take an attention_bias mask); with
+        # MultiHeadAttention the projections stay MatMuls that int8_dynamic quantizes (MiniLM, 1 thread: 0.42x of FP32)
+        unpacked_for_int8 = "int8_dynamic" in ctx.later and packed
+        packed = packed and not unpacked_for_int8
         if "qdq" in ctx.later and ctx.target != "portable":
             # a fused attention op keeps its projections (packed) or bias Adds and score MatMuls (MultiHeadAttention) float;
             # INT8 MatMuls everywhere are faster (MiniLM, 1 thread: 0.55x of FP32 unfused vs 0.67x with MultiHeadAttention)
@@ -750,4 +749,6 @@ class FuseAttention(Pass):
                 plans = {k: p for k, p in plans.items() if not p.lowest_mask}
         chosen = select([p.fusion for p in plans.values()], set(), ctx, self.name, result)
         rewrite(scope, view, [plans[id(f)] for f in chosen], ctx, result)
+        if unpacked_for_int8 and chosen and ctx.target != "portable":
+            result.notes.append(f"{self.name}: attention fused unpacked: the int8_dynamic pass that follows quantizes its projections")
         return result
