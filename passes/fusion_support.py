@@ -19,7 +19,7 @@ from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_h
 
 from onnxopt.graph import GraphView, is_standard, node_label, opset_version
 from onnxopt.passbase import PassContext, PassResult
-from onnxopt.passes.noop_rules import NoMatch, constant_array, dims_of, require
+from onnxopt.passes.noop_rules import NoMatch, constant_array, constant_tensor, dims_of, require
 
 log = logging.getLogger("onnxopt")
 
@@ -249,3 +249,14 @@ def debug(pass_name: str, node: NodeProto, exc: NoMatch) -> None:
     """Log why a candidate anchor node did not match (debug level)."""
     if log.isEnabledFor(logging.DEBUG):
         log.debug("%s: %s does not match: %s", pass_name, node_label(node), exc)
+
+
+def gemm_bias_vector(view: GraphView, name: str, beta: float, n: int) -> np.ndarray | None:
+    """Gemm's ``beta * C`` as an [N] vector when C is a constant that broadcasts along the columns only."""
+    tensor = constant_tensor(view, name)
+    if tensor is None:
+        return None
+    c = numpy_helper.to_array(tensor)
+    if c.ndim > 2 or any(d != 1 for d in c.shape[:-1]) or (c.ndim and c.shape[-1] not in (1, n)):
+        return None
+    return np.broadcast_to((c.astype(np.float64) * beta).reshape(-1), (n,)).astype(c.dtype)

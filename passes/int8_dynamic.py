@@ -20,7 +20,6 @@ kernel (use ``qdq`` or ``fp16``). Large Gather tables (word embeddings) are stor
 from __future__ import annotations
 
 import logging
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -29,10 +28,12 @@ from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from onnxopt.errors import OnnxoptError, OptionError
 from onnxopt.graph import GraphScope, GraphView, is_standard, opset_version
-from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_patterns, option
+from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_patterns, matches_pattern, option
 from onnxopt.passes.contrib_ops import MS_DOMAIN, MS_VERSION
-from onnxopt.passes.fusion_support import elem, import_domain, replace_nodes, unique
+from onnxopt.passes.fusion_support import elem, gemm_bias_vector, import_domain, replace_nodes, unique
 from onnxopt.passes.noop_rules import NoMatch, constant_tensor, get_attr, require
+from onnxopt.passes.qdq import INT8_MAX, weight_params
+from onnxopt.passes.qdq import quantize_weight as quantize_weight_values
 from onnxopt.passes.qdq_gather import quantize_gathers
 from onnxopt.registry import register_pass
 from onnxopt.shapes import StaticType, register_standin
@@ -43,6 +44,7 @@ PASS_NAME = "int8_dynamic"
 TARGETS = ("ort-cpu", "portable")
 MIN_OPSET = 11  # DynamicQuantizeLinear
 EMBEDDING_MIN_SIZE = 65536
+REDUCED_MAX = 63  # reduce_range: 7-bit weights
 # QAttention takes these attributes of Attention; any other (qkv_hidden_sizes, rotary_embedding_dim) keeps it float
 QATTENTION_ATTRS = frozenset({"num_heads", "unidirectional", "scale", "mask_filter_value", "do_rotary", "past_present_share_buffer"})
 
@@ -103,17 +105,14 @@ class Found:
 
 
 def _excluded(patterns: tuple[str, ...], node: NodeProto, weight: str) -> bool:
-    names = [n for n in (node.name, node.op_type, weight) if n]
-    return any(p == name or re.fullmatch(p, name) for p in patterns for name in names)
+    return any(matches_pattern(name, patterns) for name in (node.name, node.op_type, weight) if name)
 
 
 def quantize_weight(weight: np.ndarray, per_channel: bool, reduce_range: bool) -> Quantized:
-    """Symmetric int8 of a [K, N] weight, one scale per column N (or per tensor); ties round to even."""
-    qmax = 63 if reduce_range else 127
-    absmax = np.abs(weight).max(axis=0) if per_channel else np.array(np.abs(weight).max())
-    scale = np.where(absmax > 0, absmax / qmax, 1.0).astype(np.float32)
-    values = np.clip(np.rint(weight / scale), -qmax, qmax).astype(np.int8)
-    return Quantized(values, scale)
+    """Symmetric int8 of a [K, N] weight, one scale per column N (or per tensor): qdq's weight rounding."""
+    qmax = REDUCED_MAX if reduce_range else INT8_MAX
+    params = weight_params(weight, 1 if per_channel else None, qmax)
+    return Quantized(quantize_weight_values(weight, params, qmax), params.scale)
 
 
 def _bias_after(view: GraphView, node: NodeProto, n: int) -> tuple[NodeProto, np.ndarray] | None:
@@ -141,12 +140,10 @@ def _gemm_layer(view: GraphView, node: NodeProto, weight: str, n: int) -> Layer:
     if len(node.input) < 3 or not node.input[2]:
         return layer
     beta = float(get_attr(node, "beta", 1.0))  # type: ignore[arg-type]
-    tensor = constant_tensor(view, node.input[2])
-    if tensor is not None and tensor.data_type == TensorProto.FLOAT:
-        c = numpy_helper.to_array(tensor)
-        if c.ndim <= 2 and all(d == 1 for d in c.shape[:-1]) and (c.ndim == 0 or c.shape[-1] in (1, n)):
-            layer.bias = np.broadcast_to(c.reshape(-1) * np.float32(beta), (n,)).astype(np.float32)
-            return layer
+    bias = gemm_bias_vector(view, node.input[2], beta, n)
+    if bias is not None and bias.dtype == np.float32:
+        layer.bias = bias
+        return layer
     require(beta == 1.0, "a Gemm with beta != 1 and a C that is not a constant vector")
     layer.extra_add = node.input[2]
     return layer

@@ -148,25 +148,25 @@ def activation_params(lo: float, hi: float, *, symmetric: bool) -> QParams:
     return QParams(np.array(scale, np.float32), np.array(zero, np.uint8))
 
 
-def weight_params(weight: np.ndarray, axis: int | None) -> QParams:
-    """Symmetric int8 parameters of a weight, per channel along ``axis`` or per tensor (None)."""
+def weight_params(weight: np.ndarray, axis: int | None, qmax: int = INT8_MAX) -> QParams:
+    """Symmetric int8 parameters of a weight, per channel along ``axis`` or per tensor (None); ``qmax`` 63: 7-bit."""
     w = np.abs(weight.astype(np.float32))
     if axis is None:
         absmax = np.array(w.max() if w.size else 0.0, np.float32)
     else:
         absmax = w.max(axis=tuple(i for i in range(w.ndim) if i != axis)) if w.size else np.zeros(weight.shape[axis], np.float32)
-    scale = np.where(absmax > 0, absmax / INT8_MAX, 1.0).astype(np.float32)
+    scale = np.where(absmax > 0, absmax / qmax, 1.0).astype(np.float32)
     return QParams(scale, np.zeros(scale.shape, np.int8), axis)
 
 
-def quantize_weight(weight: np.ndarray, params: QParams) -> np.ndarray:
-    """int8 values of ``weight`` under ``params`` (round half to even, saturated to [-127, 127])."""
+def quantize_weight(weight: np.ndarray, params: QParams, qmax: int = INT8_MAX) -> np.ndarray:
+    """int8 values of ``weight`` under ``params`` (round half to even, saturated to [-qmax, qmax])."""
     scale = params.scale
     if params.axis is not None:
         shape = [1] * weight.ndim
         shape[params.axis] = -1
         scale = scale.reshape(shape)
-    return np.clip(np.rint(weight.astype(np.float32) / scale), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return np.clip(np.rint(weight.astype(np.float32) / scale), -qmax, qmax).astype(np.int8)
 
 
 def weight_axis(node: NodeProto, weight: np.ndarray) -> int | None:

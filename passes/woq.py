@@ -30,7 +30,7 @@ from onnxopt.errors import OnnxoptError, OptionError
 from onnxopt.graph import GraphScope, GraphView, is_standard, node_label, opset_version
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_patterns, option
 from onnxopt.passes.contrib_ops import MS_DOMAIN, MS_VERSION, has_kernel, ort_target
-from onnxopt.passes.fusion_support import elem, import_domain, replace_nodes, unique
+from onnxopt.passes.fusion_support import elem, gemm_bias_vector, import_domain, replace_nodes, unique
 from onnxopt.passes.gptq import gptq_round
 from onnxopt.passes.noop_rules import NoMatch, constant_tensor, get_attr, require
 from onnxopt.registry import register_pass
@@ -271,17 +271,6 @@ def _gemm_attrs(node: NodeProto) -> tuple[float, float, int, int]:
     )
 
 
-def _bias_vector(view: GraphView, name: str, beta: float, n: int) -> np.ndarray | None:
-    """Gemm's ``beta * C`` as an [N] vector when C is a constant that broadcasts along the columns only."""
-    tensor = constant_tensor(view, name)
-    if tensor is None:
-        return None
-    c = numpy_helper.to_array(tensor)
-    if c.ndim > 2 or any(d != 1 for d in c.shape[:-1]) or (c.ndim and c.shape[-1] not in (1, n)):
-        return None
-    return np.broadcast_to((c.astype(np.float64) * beta).reshape(-1), (n,)).astype(c.dtype)
-
-
 def match_weight(name: str, view: GraphView, ctx: PassContext, options: WoqOptions) -> Candidate:
     """The weight ``name`` with its readers when every reader can take a quantized B; NoMatch with the reason otherwise."""
     tensor = constant_tensor(view, name)
@@ -320,7 +309,7 @@ def match_weight(name: str, view: GraphView, ctx: PassContext, options: WoqOptio
                 require(trans_a == 0, "a Gemm with transA=1 (MatMulNBits)")
                 require(alpha == 1.0, "a Gemm with alpha != 1 (MatMulNBits)")
                 if len(node.input) > 2 and node.input[2]:
-                    bias = _bias_vector(view, node.input[2], beta, int(n))
+                    bias = gemm_bias_vector(view, node.input[2], beta, int(n))
                     require(bias is not None or beta == 1.0, "a Gemm with beta != 1 and a C that is not a constant vector (MatMulNBits)")
     return candidate
 
@@ -460,7 +449,7 @@ def emit_matmulnbits(candidate: Candidate, quant: BlockQuant, view: GraphView, o
         target = node.output[0]
         if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
             _, beta, _, _ = _gemm_attrs(node)
-            bias = _bias_vector(view, node.input[2], beta, int(n))
+            bias = gemm_bias_vector(view, node.input[2], beta, int(n))
             if bias is not None:
                 bias_name = ctx.names.fresh(f"{node.output[0]}_bias")
                 out.initializers.append(numpy_helper.from_array(bias.astype(scales.dtype), bias_name))
