@@ -13,11 +13,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +23,7 @@ from onnx import ModelProto
 
 from onnxopt.errors import OnnxoptError, OptionError, RequirementError
 from onnxopt.ort import import_onnxruntime
-from onnxopt.verify import generate_inputs, load_inputs, model_inputs
+from onnxopt.verify import create_session, generate_inputs, load_inputs, model_inputs
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 ModelSource = ModelProto | str | os.PathLike[str]
@@ -41,31 +39,12 @@ def ort_session(model: ModelSource, *, threads: int = 1, provider: str = "cpu") 
         raise RequirementError(f"this onnxruntime has no {PROVIDERS[provider]}: install onnxopt[gpu] (onnxruntime-gpu) for provider cuda")
     if threads < 1:
         raise OptionError(f"threads must be at least 1, not {threads}")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    with _session_source(model) as source:
-        try:
-            return ort.InferenceSession(source, options, providers=[PROVIDERS[provider]])
-        except Exception as exc:  # noqa: BLE001  (onnxruntime raises several types for bad models)
-            raise OnnxoptError(f"onnxruntime cannot load the model: {' '.join(str(exc).split())[:300]}") from exc
-
-
-@contextlib.contextmanager
-def _session_source(model: ModelSource):  # noqa: ANN202
-    """A path string or serialized bytes for onnxruntime; a model over 2 GB goes through a temporary folder."""
-    from onnxopt.io import save, serialized_size
-
-    if not isinstance(model, ModelProto):
-        yield os.fspath(model)
-    elif serialized_size(model) is not None:
-        yield model.SerializeToString()
-    else:
-        with tempfile.TemporaryDirectory(prefix="onnxopt-bench-") as tmp:
-            path = Path(tmp) / "model.onnx"
-            save(model, path, external_data=True)
-            yield str(path)
+    try:
+        return create_session(model, optimize=True, threads=threads, provider=PROVIDERS[provider])
+    except OnnxoptError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (onnxruntime raises several types for bad models)
+        raise OnnxoptError(f"onnxruntime cannot load the model: {' '.join(str(exc).split())[:300]}") from exc
 
 
 def interleaved_times(

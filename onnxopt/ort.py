@@ -16,8 +16,10 @@ def import_onnxruntime() -> ModuleType:
     return onnxruntime
 
 
-def make_session(model_bytes: bytes | str, *, optimize: bool = False, threads: int = 1, log_level: int = 3):
-    """Create a CPU InferenceSession from serialized model bytes (or a path).
+def make_session(
+    model_bytes: bytes | str, *, optimize: bool = False, threads: int = 1, log_level: int = 3, provider: str = "CPUExecutionProvider"
+):
+    """Create an InferenceSession (CPU unless ``provider`` says otherwise) from serialized model bytes (or a path).
 
     Graph optimizations are off by default so the session computes exactly what the
     graph says; the session is single threaded unless ``threads`` says otherwise.
@@ -31,4 +33,4 @@ def make_session(model_bytes: bytes | str, *, optimize: bool = False, threads: i
     options.inter_op_num_threads = 1
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model_bytes, options, providers=[provider])

@@ -8,9 +8,10 @@ and pruned models are judged by cosine similarity and top-1 agreement.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,17 +150,28 @@ def load_inputs(path: str | os.PathLike[str], model: ModelProto) -> dict[str, np
     return feeds
 
 
-def create_session(model: ModelProto, *, optimize: bool = False, threads: int = 1):
-    """An onnxruntime CPU session for ``model`` (saved with external data when over 2 GB)."""
+@contextlib.contextmanager
+def session_source(model: ModelProto | str | os.PathLike[str]) -> Iterator[bytes | str]:
+    """What onnxruntime loads: a path as is, a model's bytes, or (over 2 GB) a temporary copy with external data."""
     from onnxopt.io import save, serialized_size
 
-    if serialized_size(model) is not None:
-        return make_session(model.SerializeToString(), optimize=optimize, threads=threads)
+    if not isinstance(model, ModelProto):
+        yield os.fspath(model)
+    elif serialized_size(model) is not None:
+        yield model.SerializeToString()
+    else:
+        with tempfile.TemporaryDirectory(prefix="onnxopt-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            save(model, path, external_data=True)
+            yield str(path)
 
-    with tempfile.TemporaryDirectory(prefix="onnxopt-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        save(model, path, external_data=True)
-        return make_session(str(path), optimize=optimize, threads=threads)
+
+def create_session(
+    model: ModelProto | str | os.PathLike[str], *, optimize: bool = False, threads: int = 1, provider: str = "CPUExecutionProvider"
+):
+    """An onnxruntime session for ``model`` (a ModelProto, saved with external data when over 2 GB, or a path)."""
+    with session_source(model) as source:
+        return make_session(source, optimize=optimize, threads=threads, provider=provider)
 
 
 def run_model(model: ModelProto, feeds: Mapping[str, Any], session=None) -> dict[str, Any]:
