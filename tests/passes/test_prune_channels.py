@@ -170,6 +170,18 @@ def test_removing_zero_channels_gives_identical_outputs(name):
     assert after.parameters < before.parameters and after.flops < before.flops
 
 
+def masked_and_pruned_outputs(
+    model: ModelProto, masked: ModelProto, arrays: dict[str, np.ndarray], analysis, keep: dict
+) -> tuple[dict, dict, ModelProto]:
+    """Outputs of ``masked`` (``model`` with ``arrays`` written into it) and of ``model`` pruned with ``keep``, and the pruned model."""
+    for constant, array in arrays.items():
+        set_weight(masked, constant, array)
+    pruned = copy(model)
+    apply_pruning(pruned, analysis, keep)
+    feeds = feeds_for(model)
+    return run(masked, feeds), run(pruned, feeds), pruned
+
+
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_surgery_slices_the_indices_the_analysis_names(name):
     """Non-zero channels: the pruned model equals the original with the consumers' pruned input slices zeroed."""
@@ -188,12 +200,7 @@ def test_surgery_slices_the_indices_the_analysis_names(name):
                     cut[axis] = slice(start, stop)
                     arrays[constant] = arrays[constant].copy()
                     arrays[constant][tuple(cut)] = 0
-    for constant, array in arrays.items():
-        set_weight(masked, constant, array)
-    pruned = copy(model)
-    apply_pruning(pruned, analysis, keep)
-    feeds = feeds_for(model)
-    reference, got = run(masked, feeds), run(pruned, feeds)
+    reference, got, _ = masked_and_pruned_outputs(model, masked, arrays, analysis, keep)
     for key in reference:
         np.testing.assert_allclose(got[key], reference[key], **EXACT)
 

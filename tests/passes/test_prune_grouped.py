@@ -8,7 +8,17 @@ import pytest
 from helpers import init, make_model, tensor_input
 from onnx import ModelProto, helper, numpy_helper
 from test_channel_groups import bn, conv, rand, relu
-from test_prune_channels import EXACT, calibration, copy, feeds_for, option_set, run, set_weight, weights, zero_channels
+from test_prune_channels import (
+    EXACT,
+    calibration,
+    copy,
+    feeds_for,
+    masked_and_pruned_outputs,
+    option_set,
+    run,
+    weights,
+    zero_channels,
+)
 
 import onnxopt
 from onnxopt.analysis import analyze
@@ -215,12 +225,7 @@ def test_block_diagonal_slice_equals_zeroing_the_pruned_inputs_of_each_group(nam
             rows_per_block = array.shape[1] // piece.blocks
             for j, block in enumerate(entries.reshape(piece.blocks, -1)):
                 array[~block, j * rows_per_block : (j + 1) * rows_per_block] = 0
-    for constant, array in arrays.items():
-        set_weight(masked, constant, array)
-    pruned = copy(model)
-    apply_pruning(pruned, analysis, keep)
-    feeds = feeds_for(model)
-    reference, got = run(masked, feeds), run(pruned, feeds)
+    reference, got, pruned = masked_and_pruned_outputs(model, masked, arrays, analysis, keep)
     for key in reference:
         assert_fp32_equal(got[key], reference[key])
     check_grouped_convs(model, pruned)
