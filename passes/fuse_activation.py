@@ -1,4 +1,4 @@
-"""Activation fusions: decomposed GELU, HardSwish, Mish and Softplus become one standard op.
+"""Activation fusions: decomposed GELU, HardSwish, HardSigmoid, Mish and Softplus become one standard op.
 
 Products are matched by flattening a tree of Mul (and Div by a constant, Pow by a small
 integer) into its non-constant factors and one constant coefficient, so every operand
@@ -13,9 +13,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
-from onnx import NodeProto, helper
+from onnx import GraphProto, NodeProto, helper
 
-from onnxopt.graph import GraphScope, GraphView, is_standard
+from onnxopt.graph import GraphScope, GraphView, is_standard, opset_version
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_choices, option
 from onnxopt.passes.contrib_ops import MS_DOMAIN, has_kernel, ort_target
 from onnxopt.passes.fusion_support import (
@@ -37,7 +37,7 @@ from onnxopt.passes.fusion_support import (
 from onnxopt.passes.noop_rules import NoMatch, get_attr, require
 from onnxopt.registry import register_pass
 
-KINDS = ("gelu", "gelu_tanh", "hardswish", "mish", "softplus")
+KINDS = ("gelu", "gelu_tanh", "hardswish", "hardsigmoid", "mish", "softplus")
 MAX_PRODUCT_NODES = 8
 MAX_CLIMB = 4
 # The com.microsoft op each GELU kind becomes on the ort-* targets (any opset).
@@ -203,6 +203,73 @@ def match_hardswish(hsig: NodeProto, view: GraphView, ctx: PassContext) -> Fusio
     return Fusion("hardswish", "HardSwish", [x], mul.output[0], [hsig, mul], 14)
 
 
+@dataclass
+class HardSwishPair(Fusion):
+    """``x * HardSigmoid(x, alpha=1/6, beta=0.5)``: HardSwish below opset 14 (onnxruntime fuses the pair into a Conv)."""
+
+    def build(self, graph: GraphProto, ctx: PassContext) -> list[NodeProto]:
+        """A HardSigmoid and the Mul by its input."""
+        x = self.inputs[0]
+        gate = ctx.names.fresh(f"{self.output}_hardsigmoid")
+        return [
+            helper.make_node("HardSigmoid", [x], [gate], name=ctx.names.fresh(gate), alpha=1.0 / 6.0, beta=0.5),
+            helper.make_node("Mul", [x, gate], [self.output], name=ctx.names.fresh(f"{self.output}_Mul")),
+        ]
+
+
+def clip_bounds(view: GraphView, clip: NodeProto, opset: int) -> tuple[float, float] | None:
+    """(min, max) of a Clip with constant bounds (inputs from opset 11, attributes before), or None."""
+    if opset < 11:
+        return float(get_attr(clip, "min", -math.inf)), float(get_attr(clip, "max", math.inf))  # type: ignore[arg-type]
+    if len(clip.input) != 3:
+        return None
+    low, high = scalar(view, clip.input[1]), scalar(view, clip.input[2])
+    return None if low is None or high is None else (low[0], high[0])
+
+
+def match_clip_hard(clip: NodeProto, view: GraphView, ctx: PassContext) -> Fusion:
+    """``Clip(x + 3, 0, 6) / 6`` -> HardSigmoid(x, 1/6, 0.5); ``x * Clip(x + 3, 0, 6) / 6`` -> HardSwish.
+
+    The products are flattened (Mul by 1/6 or Div by 6, operands in any order). Below opset 14
+    the HardSwish is written as ``x * HardSigmoid(x)``, the form onnxruntime fuses into a Conv.
+    """
+    bounds = clip_bounds(view, clip, opset_version(ctx.model) or 1)
+    require(bounds is not None and bounds[0] == 0.0 and bounds[1] == 6.0, "the Clip is not Clip(., 0, 6) with constant bounds")
+    require(private(view, clip.input[0]), "the Clip input has other readers")
+    add = producer(view, clip.input[0], "Add")
+    three = next((scalar(view, name) for name in add.input if scalar(view, name) is not None), None)
+    require(three is not None and len(add.input) == 2, "the Clip does not read x + constant")
+    x = other_input(add, next(name for name in add.input if scalar(view, name) is not None))
+    dtype = dtype_of(ctx, x) if elem(ctx, x) in FLOAT_TYPES else np.dtype(np.float32)
+    require(close(three[0], 3.0, dtype), "the Add does not add 3")  # type: ignore[index]
+    gate = clip.output[0]
+    require(private(view, gate), "the Clip output has other readers")
+    node = sole_reader(view, gate, ("Mul", "Div"))
+    found: Fusion | None = None  # a HardSigmoid, kept unless a larger product is a HardSwish
+    for _ in range(MAX_CLIMB):
+        top = node.output[0]
+        product = flatten_product(view, top, top)
+        factors = sorted(product.factors)
+        if close(product.coef, 1.0 / 6.0, dtype) and factors in ([gate], sorted([x, gate])):
+            check_input(ctx, x, max(three[1], product.const_rank))  # type: ignore[index]
+            nodes = [add, clip, *product.nodes]
+            check_private(view, nodes, top)
+            if factors != [gate]:
+                if (opset_version(ctx.model) or 1) >= 14:
+                    return Fusion("hardswish", "HardSwish", [x], top, nodes, 14)
+                return HardSwishPair("hardswish", "HardSigmoid", [x], top, nodes, 6)
+            found = Fusion("hardsigmoid", "HardSigmoid", [x], top, nodes, 6, {"alpha": 1.0 / 6.0, "beta": 0.5})
+        readers = view.consumers.get(top, [])
+        if not (private(view, top) and readers[0].op_type in ("Mul", "Div") and is_standard(readers[0])):
+            break
+        node = readers[0]
+        if node.input[0] != top and node.op_type != "Mul":
+            break  # the product is a divisor
+    if found is None:
+        raise NoMatch("no Clip(x + 3, 0, 6) / 6 product within reach")
+    return found
+
+
 def match_softplus_log(log: NodeProto, view: GraphView, ctx: PassContext) -> tuple[str, list[NodeProto], int]:
     """``Log(Add(Exp(x), 1))``: (x, nodes, rank of the 1)."""
     require(private(view, log.input[0]), "the Log input has other readers")
@@ -249,11 +316,12 @@ def for_target(fusion: Fusion, ctx: PassContext) -> Fusion:
     return Fusion(fusion.kind, op_type, list(fusion.inputs), fusion.output, fusion.nodes, 1, domain=MS_DOMAIN)
 
 
-# (kind, anchor op, matcher), in priority order: Mish before Softplus so a Mish claims its softplus.
+# (kinds it may return, '|'-separated; anchor op; matcher), in priority order: Mish before Softplus so a Mish claims its softplus.
 MATCHERS = (
     ("gelu", "Erf", match_gelu),
     ("gelu_tanh", "Tanh", match_gelu_tanh),
     ("hardswish", "HardSigmoid", match_hardswish),
+    ("hardswish|hardsigmoid", "Clip", match_clip_hard),
     ("mish", "Tanh", match_mish),
     ("softplus", "Log", match_softplus),
 )
@@ -261,7 +329,7 @@ MATCHERS = (
 
 @register_pass
 class FuseActivations(Pass):
-    """Fuse decomposed activations into Gelu, HardSwish, Mish and Softplus when the opset has them.
+    """Fuse decomposed activations into Gelu, HardSwish, HardSigmoid, Mish and Softplus when the opset has them.
 
     Pre: types inferred (``ctx.types``: the input's float dtype and rank). Matched:
     erf-GELU ``x * 0.5 * (1 + Erf(x / sqrt(2)))`` (Div by sqrt(2) or Mul by 1/sqrt(2), the 0.5
@@ -269,7 +337,11 @@ class FuseActivations(Pass):
     ``0.5 * x * (1 + Tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))`` (x^3 as Pow or Mul chain,
     constants anywhere in the products, as torch and jax2tf write it) -> Gelu(approximate=
     'tanh') (opset >= 20); ``x * HardSigmoid(x, alpha=1/6, beta=0.5)`` -> HardSwish (opset
-    >= 14); ``x * Tanh(Softplus(x))`` -> Mish (opset >= 18); ``Log(Exp(x) + 1)`` -> Softplus.
+    >= 14); ``x * Clip(x + 3, 0, 6) / 6`` (Div by 6 or Mul by 1/6 anywhere in the product, as
+    paddle2onnx and tf2onnx write it) -> HardSwish, or below opset 14 ``x * HardSigmoid(x)``
+    (2 ops instead of 4, which onnxruntime fuses into the producing Conv); ``Clip(x + 3, 0, 6)
+    / 6`` -> HardSigmoid(alpha=1/6, beta=0.5) (kind ``hardsigmoid``); ``x * Tanh(Softplus(x))``
+    -> Mish (opset >= 18); ``Log(Exp(x) + 1)`` -> Softplus.
     Constants are one-element float constants equal to the expected value within 1e-6
     relative (or the constant dtype's epsilon when that is coarser, e.g. float16); their
     rank must not exceed the input's. Every intermediate must be read only inside the
@@ -292,7 +364,7 @@ class FuseActivations(Pass):
     class Options(PassOptions):
         """Options of fuse_activations."""
 
-        kinds: tuple[str, ...] = option(KINDS, "fusions to apply, separated by '|' (gelu|gelu_tanh|hardswish|mish|softplus)")
+        kinds: tuple[str, ...] = option(KINDS, "fusions to apply, separated by '|' (gelu|gelu_tanh|hardswish|hardsigmoid|mish|softplus)")
 
         def validate(self) -> None:
             """Every kind must be one the pass knows."""
@@ -304,19 +376,22 @@ class FuseActivations(Pass):
         view = ctx.view(scope.graph)
         wanted = set(self.options.kinds)  # type: ignore[attr-defined]
         matches: list[Fusion] = []
-        anchors = Counter(anchor for kind, anchor, _ in MATCHERS if kind in wanted)
+        anchors = Counter(anchor for kinds, anchor, _ in MATCHERS if wanted & set(kinds.split("|")))
         if not anchors:
             return result
-        for kind, anchor, matcher in MATCHERS:
-            if kind not in wanted:
+        for kinds, anchor, matcher in MATCHERS:
+            if not wanted & set(kinds.split("|")):
                 continue
             for node in view.nodes:
                 if node.op_type != anchor or not is_standard(node):
                     continue
                 try:
-                    matches.append(for_target(matcher(node, view, ctx), ctx))
+                    fusion = matcher(node, view, ctx)
                 except NoMatch as exc:
                     debug(self.name, node, exc)
+                    continue
+                if fusion.kind in wanted:
+                    matches.append(for_target(fusion, ctx))
         found = select(matches, set(), ctx, self.name, result)
         apply_fusions(scope.graph, view, found, ctx, result)
         return result

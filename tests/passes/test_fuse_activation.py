@@ -159,6 +159,89 @@ def test_hardswish_guards() -> None:
     assert "HardSwish" not in op_types(run_pass(model_of(steps, {}, opset=14, last="z"), PASS).model)
 
 
+def clip_steps(opset: int) -> tuple:
+    """``Clip(x + 3, 0, 6)`` writing "c": bounds as inputs from opset 11, as attributes before."""
+    if opset >= 11:
+        return ("Clip", ("a", "zero", "six"), "c")
+    return ("Clip", ("a",), "c", {"min": 0.0, "max": 6.0})
+
+
+HARD_CONSTS = {"three": 3.0, "zero": 0.0, "six": 6.0, "sixth": np.float32(1 / 6)}
+# every form ends in "g"; "a" = x + 3 and "c" = Clip(a, 0, 6) come first
+HARD_SWISH_FORMS = {
+    "paddle_div": [("Mul", ("x", "c"), "m"), ("Div", ("m", "six"), "g")],  # x * clip / 6 (paddle2onnx)
+    "tf_mul_sixth": [("Mul", ("c", "x"), "m"), ("Mul", ("sixth", "m"), "g")],  # 1/6 * (clip * x) (tf2onnx)
+    "sixth_first": [("Mul", ("x", "sixth"), "m"), ("Mul", ("m", "c"), "g")],  # (x / 6 as a product) * clip
+}
+WIDE = {"x": np.linspace(-8, 8, int(np.prod(SHAPE)), dtype=np.float32).reshape(SHAPE)}  # across both kinks at -3 and 3
+
+
+def hard_model(tail: list[tuple], *, opset: int, add=("x", "three"), **kw) -> ModelProto:
+    """x + 3 -> Clip(0, 6) -> ``tail``."""
+    return model_of([("Add", add, "a"), clip_steps(opset), *tail], HARD_CONSTS, opset=opset, last="g", **kw)
+
+
+@pytest.mark.parametrize("form", sorted(HARD_SWISH_FORMS))
+def test_clip_hardswish_becomes_hardswish_at_opset_14(form) -> None:
+    model = hard_model(HARD_SWISH_FORMS[form], opset=14)
+    result = run_pass(model, PASS)
+    assert counts(result) == {"hardswish": 1}
+    assert op_types(result.model) == ["HardSwish", "Neg"]
+    assert_equivalent(model, result.model, WIDE)
+
+
+@pytest.mark.parametrize("opset", [10, 13])
+def test_clip_hardswish_below_opset_14_becomes_hardsigmoid_times_x(opset) -> None:
+    model = hard_model(HARD_SWISH_FORMS["paddle_div"], opset=opset, add=("three", "x"))
+    result = run_pass(model, PASS)
+    assert counts(result) == {"hardswish": 1}
+    assert op_types(result.model) == ["HardSigmoid", "Mul", "Neg"]
+    hsig = result.model.graph.node[0]
+    assert [(a.name, round(a.f, 7)) for a in hsig.attribute] == [("alpha", round(1 / 6, 7)), ("beta", 0.5)]
+    assert_equivalent(model, result.model, WIDE)
+
+
+def test_clip_hardsigmoid_alone() -> None:
+    model = hard_model([("Div", ("c", "six"), "g")], opset=13)
+    result = run_pass(model, PASS)
+    assert counts(result) == {"hardsigmoid": 1}
+    assert op_types(result.model) == ["HardSigmoid", "Neg"]
+    assert_equivalent(model, result.model, WIDE)
+
+
+def test_gate_divided_before_the_product_ends_as_one_hardswish() -> None:
+    model = hard_model([("Mul", ("c", "sixth"), "h"), ("Mul", ("x", "h"), "g")], opset=14)
+    result = run_pass(model, PASS)  # HardSigmoid first, then the HardSigmoid matcher on the manager's next round
+    assert op_types(result.model) == ["HardSwish", "Neg"]
+    assert_equivalent(model, result.model, WIDE)
+
+
+@pytest.mark.parametrize(
+    "consts, tail, extra",
+    [
+        ({"three": 2.0}, HARD_SWISH_FORMS["paddle_div"], ()),  # x + 2
+        ({"six": 5.0}, HARD_SWISH_FORMS["paddle_div"], ()),  # Clip(., 0, 5) and / 5
+        ({"sixth": np.float32(0.2)}, HARD_SWISH_FORMS["tf_mul_sixth"], ()),  # * 0.2
+        ({}, [("Mul", ("x", "c"), "m"), ("Div", ("m", "six"), "g")], ("c",)),  # the gate is a graph output
+        ({}, [("Mul", ("a", "c"), "m"), ("Div", ("m", "six"), "g")], ()),  # (x + 3) * clip
+    ],
+    ids=["add_2", "clip_5", "times_0.2", "gate_is_output", "wrong_factor"],
+)
+def test_clip_hardswish_guards(consts, tail, extra) -> None:
+    steps = [("Add", ("x", "three"), "a"), clip_steps(14), *tail]
+    model = model_of(steps, {**HARD_CONSTS, **consts}, opset=14, last="g", extra_outputs=extra)
+    result = run_pass(model, PASS)
+    assert "HardSwish" not in op_types(result.model) and "HardSigmoid" not in op_types(result.model)
+    assert_equivalent(model, result.model, WIDE)
+
+
+def test_clip_kinds_are_separate() -> None:
+    model = hard_model(HARD_SWISH_FORMS["paddle_div"], opset=14)
+    assert op_types(run_pass(model, f"{PASS}:kinds=hardsigmoid").model)[:2] == ["Add", "Clip"]
+    lone = hard_model([("Div", ("c", "six"), "g")], opset=14)
+    assert op_types(run_pass(lone, f"{PASS}:kinds=hardswish").model)[:2] == ["Add", "Clip"]
+
+
 MISH_OP = [("Softplus", ("x",), "s"), ("Tanh", ("s",), "t"), ("Mul", ("t", "x"), "g")]
 MISH_LOG = [("Exp", ("x",), "e"), ("Add", ("e", "one"), "a"), ("Log", ("a",), "s"), ("Tanh", ("s",), "t"), ("Mul", ("x", "t"), "g")]
 
