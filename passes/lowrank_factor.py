@@ -206,3 +206,34 @@ def tucker2(weight: np.ndarray, r_in: int, r_out: int, iterations: int = TUCKER_
     total = float(np.sum(np.square(w)))
     energy = float(np.sum(np.square(core)) / total) if total > 0 else 1.0
     return Tucker2(np.ascontiguousarray(u_in.T), core, u_out, min(1.0, energy))
+
+
+# ----------------------------------------------------------------------------- 1x1 first
+
+
+def inward_matrix(weight: np.ndarray) -> np.ndarray:
+    """A one-group conv weight [Cout, Cin, *kernel] as the [Cin, Cout * taps] matrix of ``Conv_kxk(r -> Cout) . Conv_1x1(Cin -> r)``.
+
+    ``M[c, o * taps + t] = W[o, c, t]``: a rank-r ``L @ R`` is the 1x1 conv ``L^T`` followed by
+    the k x k conv ``R`` reshaped to [Cout, r, *kernel].
+    """
+    cout, cin = weight.shape[:2]
+    return np.asarray(weight, dtype=np.float64).reshape(cout, cin, -1).transpose(1, 0, 2).reshape(cin, -1)
+
+
+def inward_conv_weights(left: np.ndarray, right: np.ndarray, cout: int, kernel: tuple[int, ...]) -> list[np.ndarray]:
+    """The 1x1 weight [r, Cin, 1, ...] and the k x k weight [Cout, r, *kernel] of a rank-r ``left @ right`` of :func:`inward_matrix`."""
+    rank = left.shape[1]
+    first = left.T.reshape(rank, left.shape[0], *((1,) * len(kernel)))
+    second = right.reshape(rank, cout, *kernel).transpose(1, 0, *range(2, 2 + len(kernel)))
+    return [first, second]
+
+
+def channel_gram(gram: np.ndarray, taps: int) -> np.ndarray:
+    """The [Cin, Cin] Gram matrix of input pixels, the mean of the im2col Gram's per-tap diagonal blocks.
+
+    ``gram`` is [Cin * taps, Cin * taps] in im2col column order (channel-major, then tap).
+    """
+    size = gram.shape[0] // taps
+    blocks = np.asarray(gram, dtype=np.float64).reshape(size, taps, size, taps)
+    return np.einsum("atbt->ab", blocks) / taps

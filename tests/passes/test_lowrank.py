@@ -366,6 +366,42 @@ def test_conv_asvd_beats_svd_on_smooth_images():
     assert errors["asvd"] < errors["svd"], errors
 
 
+def inward_low_rank(cout: int, cin: int, k: int, r: int, seed: int = 0) -> np.ndarray:
+    """A [cout, cin, k, k] weight that is exactly a 1x1 conv (cin -> r) followed by a k x k conv (r -> cout)."""
+    return np.einsum("orhw,rc->ochw", rand(cout, r, k, k, seed=seed), rand(r, cin, seed=seed + 1) / np.sqrt(r)).astype(np.float32)
+
+
+def test_ratio_scan_puts_the_1x1_conv_first_where_that_is_exact():
+    model = conv_model(inward_low_rank(32, 48, 3, 4) * 0.1, pads=[1, 1, 1, 1], strides=[2, 2], size=12)
+    result = lowrank(model, spec(ratio=0.5, min_size=0, round_rank=1), calib_for(model, 16))
+    first, second = weights_of(result.model, "conv_lr0"), weights_of(result.model, "conv_lr1")
+    rank = first.shape[0]
+    assert first.shape == (rank, 48, 1, 1) and second.shape == (32, rank, 3, 3) and rank >= 4
+    nodes = {n.name: n for n in result.model.graph.node}
+    assert not {a.name for a in nodes["conv_lr0"].attribute} & {"pads", "strides", "dilations"}  # 1x1 at the input's resolution
+    attrs = {a.name: helper.get_attribute_value(a) for a in nodes["conv_lr1"].attribute}
+    assert attrs["strides"] == [2, 2] and attrs["pads"] == [1, 1, 1, 1] and nodes["conv_lr1"].input[2] == "B"
+    assert max_rel_error(model, result.model, {"x": rand(2, 48, 12, 12, seed=3)}) < 1e-4
+    before, after = recount(model), recount(result.model)
+    c = counts(result)
+    assert (before[0] - after[0], before[1] - after[1]) == (c["params_removed"], c["flops_removed"])
+    assert c["flops_removed"] >= 0.5 * before[1] * 0.95
+    assert any("1x1 first" in n for n in notes(result)), notes(result)
+
+
+def test_inward_factors_compose_to_the_weight_and_use_the_pixel_gram():
+    from onnxopt.passes.lowrank_factor import channel_gram, inward_conv_weights, inward_matrix
+
+    weight = rand(6, 5, 3, 3, seed=2)
+    u, s, vt = np.linalg.svd(inward_matrix(weight), full_matrices=False)
+    first, second = inward_conv_weights(u * s, vt, 6, (3, 3))
+    composed = np.einsum("orhw,rc->ochw", second, first[:, :, 0, 0])
+    np.testing.assert_allclose(composed, weight, atol=1e-12)
+    pixels = rand(50, 5, seed=4).astype(np.float64)  # im2col rows of identical taps: every tap block is the pixel Gram
+    rows = np.repeat(pixels[:, :, None], 9, axis=2).reshape(50, 45)
+    np.testing.assert_allclose(channel_gram(rows.T @ rows, 9), pixels.T @ pixels, rtol=1e-12)
+
+
 # ----------------------------------------------------------------------------- selection, naming, counts
 
 
