@@ -16,6 +16,9 @@ to about a quarter).
   next Q (zero point 0), a Mul by a positive scalar constant is folded into the DequantizeLinear scale
   (exact), and the layers feeding graph outputs keep float activations with an int8 weight.
 
+Before calibration, ``equalize`` (default on, :mod:`onnxopt.passes.qdq_equalize`) rescales Conv -> Conv
+pairs so the tensor between them has even channel ranges (exact in float).
+
 Fidelity repairs (:mod:`onnxopt.passes.qdq_sensitivity`): ``bias_correction`` (default on) shifts each
 quantized layer's bias by its per-channel mean output error; ``sensitivity`` / ``keep_float`` /
 ``max_error`` rank the layers by the output error each adds alone and keep the worst ones float
@@ -79,6 +82,7 @@ class QdqOptions(PassOptions):
     )
     damp: float = option(0.01, "gptq: Hessian damping as a fraction of its mean diagonal")
     embeddings: bool = option(True, "ort-cpu/portable: store Gather tables of >= 65536 values as int8 (rows dequantized after lookup)")
+    equalize: bool = option(True, "even out the channel ranges of Conv -> Conv tensors first (exact in float; see qdq_equalize)")
 
     def validate(self) -> None:
         """Check the method, percentile, batch sizes and exclusion patterns."""
@@ -235,6 +239,16 @@ class QuantizeQDQ(Pass):
         graph = model.graph  # the upgrade replaced the model's contents
         if any(n.op_type in ("If", "Loop", "Scan") for n in graph.node):
             result.notes.append("qdq: If/Loop/Scan bodies are left in float")
+        data: Any = ctx.calibration
+        if options.calib_batches:
+            data = _Limited(data, options.calib_batches)
+        if options.equalize:
+            from onnxopt.passes.qdq_equalize import equalize
+
+            pairs = equalize(model, data, options.batch_size)
+            if pairs:
+                result.count("pairs_equalized", pairs)
+                result.notes.append(f"qdq: equalized the channel ranges of {pairs} Conv -> Conv tensor(s) (float outputs unchanged)")
         float_model = ModelProto()
         float_model.CopyFrom(model)
         view = GraphView.build(float_model.graph)
@@ -244,9 +258,6 @@ class QuantizeQDQ(Pass):
         if not plan.tensors and not plan.anchors and not plan.weight_only:
             result.notes.append("qdq: no quantizable layer found")
             return result
-        data: Any = ctx.calibration
-        if options.calib_batches:
-            data = _Limited(data, options.calib_batches)
         wanted = list(dict.fromkeys(plan.tensors + [i for c in plan.concats for i in c.input if i in plan.readers or i in plan.tensors]))
         if options.bias_correction:
             wanted += [n.output[0] for n in plan.anchors + plan.weight_only if n.output[0] not in wanted]
