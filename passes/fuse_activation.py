@@ -195,6 +195,7 @@ def match_hardswish(hsig: NodeProto, view: GraphView, ctx: PassContext) -> Fusio
     require(
         close(alpha, 1.0 / 6.0, np.dtype(np.float32)) and close(beta, 0.5, np.dtype(np.float32)), "HardSigmoid is not alpha=1/6, beta=0.5"
     )
+    require((opset_version(ctx.model) or 1) >= 14, "below opset 14 x * HardSigmoid(x) is already the fused form (no note)")
     require(private(view, hsig.output[0]), "the HardSigmoid output has other readers")
     mul = sole_reader(view, hsig.output[0], "Mul")
     require(other_input(mul, hsig.output[0]) == x, "the HardSigmoid output does not multiply its own input")

@@ -199,6 +199,9 @@ def test_clip_hardswish_below_opset_14_becomes_hardsigmoid_times_x(opset) -> Non
     hsig = result.model.graph.node[0]
     assert [(a.name, round(a.f, 7)) for a in hsig.attribute] == [("alpha", round(1 / 6, 7)), ("beta", 0.5)]
     assert_equivalent(model, result.model, WIDE)
+    again = run_pass(result.model, PASS)  # the pair is the fused form below 14: no "kept, needs opset 14" note
+    assert op_types(again.model) == ["HardSigmoid", "Mul", "Neg"]
+    assert not [n for r in again.report.passes for n in r.notes if "opset >= 14" in n]
 
 
 def test_clip_hardsigmoid_alone() -> None:
