@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from onnx import ModelProto, NodeProto, TensorProto, TypeProto, helper, numpy_helper
+from onnx import ModelProto, NodeProto, TensorProto, helper
 
 from onnxopt.errors import OnnxoptError, OptionError
-from onnxopt.graph import GraphView, NameGenerator, is_standard, node_label, opset_version
+from onnxopt.graph import GraphView, node_label
 from onnxopt.passbase import (
     Pass,
     PassContext,
@@ -47,12 +47,9 @@ from onnxopt.passbase import (
     Requirement,
     check_choices,
     check_patterns,
-    matches_pattern,
     option,
 )
-from onnxopt.passes.fusion_support import replace_nodes, unique
-from onnxopt.passes.layer_skip import LayerSkipped as Skip
-from onnxopt.passes.layer_skip import require_layer as _require
+from onnxopt.passes.lowrank_emit import Factorized, apply_emissions, emit, variant
 from onnxopt.passes.lowrank_factor import (
     Spectrum,
     Tucker2,
@@ -66,27 +63,35 @@ from onnxopt.passes.lowrank_factor import (
     round_up,
     tucker2,
 )
-from onnxopt.passes.noop_rules import constant_tensor, get_attr
+from onnxopt.passes.lowrank_layers import (
+    INWARD,
+    Choice,
+    Layer,
+    attach_rows,
+    calibration_types,
+    cost_value,
+    count_subgraph_layers,
+    full_rank,
+    layer_cost,
+    saves_enough,
+    survey,
+)
+from onnxopt.passes.noop_rules import get_attr
 from onnxopt.registry import register_pass
-from onnxopt.shapes import static_shape
 
 log = logging.getLogger("onnxopt")
 
 PASS_NAME = "lowrank"
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
-WEIGHT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 DEFAULT_ENERGY = 0.95  # the rule when none of energy / rank / ratio is given
 SCAN_KEEP = (0.1, 0.2, 0.35, 0.5, 0.65, 0.8)  # kept cost fractions every layer is scored at in the ratio scan
 CALIB_BATCH = 8
 MAX_LAYER_NOTES = 20
 MAX_LISTED = 5
-GEMM_OPTIONAL_C_OPSET = 11  # Gemm's C is optional from opset 11
-INWARD = "_in"  # method suffix: a k x k conv factorized 1x1 first (see Choice)
 
 # count keys: what was done, and why layers were left alone (counted without marking the model modified)
 FACTORIZED, PARAMS_REMOVED, FLOPS_REMOVED = "layers_factorized", "params_removed", "flops_removed"
-EXCLUDED, SMALL, NO_SAVING, SHARED = "layers_excluded", "layers_small", "layers_no_saving", "weights_shared"
-SUBGRAPH, DEPTHWISE, UNSUPPORTED = "layers_in_subgraph", "layers_depthwise", "layers_unsupported"
+NO_SAVING = "layers_no_saving"
 
 
 # ----------------------------------------------------------------------------- options
@@ -155,287 +160,7 @@ class LowRankOptions(PassOptions):
         return self.energy or DEFAULT_ENERGY
 
 
-# ----------------------------------------------------------------------------- layers and costs
-
-
-@dataclass
-class Layer:
-    """One factorizable node: its weight as per-group [K, N] matrices and the sizes its FLOPs scale with.
-
-    ``rows_out`` is the number of output rows (MatMul/Gemm) or batch * output positions (Conv);
-    ``rows_in`` is batch * input positions (Conv); None where shapes are unknown.
-    """
-
-    node: NodeProto
-    index: int
-    weight: str
-    tensor: TensorProto
-    constant_node: NodeProto | None
-    matrices: np.ndarray
-    kernel: tuple[int, ...] = ()
-    rows_out: int | None = None
-    rows_in: int | None = None
-    stride: int = 1
-
-    @property
-    def key(self) -> str:
-        """A unique name for budgets and notes."""
-        return f"{self.index}:{self.node.name or self.node.output[0]}"
-
-    @property
-    def groups(self) -> int:
-        """Conv groups (1 for MatMul/Gemm)."""
-        return int(self.matrices.shape[0])
-
-    @property
-    def k(self) -> int:
-        """Input features per group."""
-        return int(self.matrices.shape[1])
-
-    @property
-    def n(self) -> int:
-        """Outputs per group."""
-        return int(self.matrices.shape[2])
-
-    @property
-    def cin(self) -> int:
-        """Input channels (Conv) or features."""
-        return self.k * self.groups // max(1, math.prod(self.kernel))
-
-    @property
-    def cout(self) -> int:
-        """Output channels or features."""
-        return self.n * self.groups
-
-    @property
-    def dtype(self) -> type:
-        """numpy type of the weight."""
-        return WEIGHT_TYPES[self.tensor.data_type]
-
-    @property
-    def tucker_ok(self) -> bool:
-        """A one-group conv with a kernel larger than 1x1."""
-        return self.node.op_type == "Conv" and self.groups == 1 and math.prod(self.kernel) > 1
-
-    @property
-    def taps(self) -> int:
-        """Kernel positions (1 for MatMul/Gemm)."""
-        return max(1, math.prod(self.kernel))
-
-    @property
-    def description(self) -> str:
-        """``MatMul 384x1536`` or ``Conv 64x64x3x3``."""
-        return f"{self.node.op_type} {'x'.join(str(d) for d in self.tensor.dims)}"
-
-
-@dataclass(frozen=True)
-class Choice:
-    """How one layer is factorized: ``svd``/``asvd`` with ``ranks = (r,)`` or ``tucker2`` with ``(r_in, r_out)``.
-
-    ``svd_in``/``asvd_in`` (k x k one-group convs): the 1x1 conv (Cin -> r) comes first, then the
-    k x k conv (r -> Cout); ``svd``/``asvd`` put the k x k conv (Cin -> r) first.
-    """
-
-    method: str
-    ranks: tuple[int, ...]
-
-    @property
-    def inward(self) -> bool:
-        """Whether the 1x1 conv comes first (``svd_in``/``asvd_in``)."""
-        return self.method.endswith(INWARD)
-
-    def describe(self) -> str:
-        """``asvd rank 96``, ``asvd rank 40, 1x1 first`` or ``tucker2 ranks 32/48``."""
-        if self.method == "tucker2":
-            return f"tucker2 ranks {self.ranks[0]}/{self.ranks[1]}"
-        if self.inward:
-            return f"{self.method.removesuffix(INWARD)} rank {self.ranks[0]}, 1x1 first"
-        return f"{self.method} rank {self.ranks[0]}"
-
-
-@dataclass(frozen=True)
-class Cost:
-    """Weight parameters and FLOPs (None when shapes are unknown) of a layer or of its factorization."""
-
-    params: int
-    flops: int | None
-
-
-def layer_cost(layer: Layer, choice: Choice | None = None, *, proxy: bool = False) -> Cost:
-    """Parameters and FLOPs (2 per multiply-add, as :func:`onnxopt.analysis.node_flops`) of ``layer``, or of its factorization.
-
-    ``proxy`` replaces unknown row counts by 1 output row (and ``stride`` input rows), which keeps
-    ratios between costs right for MatMul/Gemm and SVD convs and close for Tucker-2.
-    """
-    rows_out, rows_in = layer.rows_out, layer.rows_in
-    if proxy and rows_out is None:
-        rows_out, rows_in = 1, layer.stride
-    g, k, n = layer.groups, layer.k, layer.n
-    if choice is None:
-        params = g * k * n
-        return Cost(params, None if rows_out is None else 2 * rows_out * params)
-    if choice.method == "tucker2":
-        r_in, r_out = choice.ranks
-        taps = math.prod(layer.kernel)
-        params = r_in * layer.cin + r_out * r_in * taps + layer.cout * r_out
-        flops = None
-        if rows_out is not None and rows_in is not None:
-            flops = 2 * (rows_in * r_in * layer.cin + rows_out * (r_out * r_in * taps + layer.cout * r_out))
-        return Cost(params, flops)
-    if choice.inward:
-        rank, taps = choice.ranks[0], layer.taps
-        flops = None if rows_out is None or rows_in is None else 2 * rank * (rows_in * layer.cin + rows_out * taps * layer.cout)
-        return Cost(rank * (layer.cin + taps * layer.cout), flops)
-    params = g * choice.ranks[0] * (k + n)
-    return Cost(params, None if rows_out is None else 2 * rows_out * params)
-
-
-def full_rank(layer: Layer, method: str) -> int:
-    """The largest rank of an SVD factorization (1x1 first: of the [Cin, Cout * taps] matrix)."""
-    if method.endswith(INWARD):
-        return min(layer.cin, layer.taps * layer.cout)
-    return min(layer.k, layer.n)
-
-
-def cost_value(cost: Cost, by: str) -> float:
-    """The figure a ratio target counts."""
-    return float(cost.params if by == "params" or cost.flops is None else cost.flops)
-
-
-def saves_enough(layer: Layer, choice: Choice, min_saving: float) -> bool:
-    """Whether the factorization's params and (proxy) FLOPs are at least ``min_saving`` below the layer's."""
-    before, after = layer_cost(layer, proxy=True), layer_cost(layer, choice, proxy=True)
-    keep = 1 - min_saving
-    return after.params <= keep * before.params and (after.flops or 0) <= keep * (before.flops or 0)
-
-
-# ----------------------------------------------------------------------------- matching
-
-
-def weight_matrices(node: NodeProto, array: np.ndarray) -> np.ndarray:
-    """The weight as per-group [K, N] matrices in float64 (``Y_g = X_g @ M_g``)."""
-    w = np.asarray(array, dtype=np.float64)
-    if node.op_type == "MatMul":
-        return w[None]
-    if node.op_type == "Gemm":
-        return (w.T if int(get_attr(node, "transB", 0)) else w)[None]  # type: ignore[call-overload]
-    groups = int(get_attr(node, "group", 1))  # type: ignore[call-overload]
-    per_group = w.shape[0] // groups
-    return np.stack([w[g * per_group : (g + 1) * per_group].reshape(per_group, -1).T for g in range(groups)])
-
-
-def _numel(shape: tuple[int, ...] | None) -> int | None:
-    return None if shape is None else math.prod(shape)
-
-
-def _rows(node: NodeProto, types: dict, channels_out: int, channels_in: int) -> tuple[int | None, int | None]:
-    """Output rows (and Conv input rows) from inferred static shapes."""
-    out = _numel(static_shape(types.get(node.output[0])))
-    if node.op_type != "Conv":
-        return (None if out is None else out // channels_out), None
-    inp = _numel(static_shape(types.get(node.input[0])))
-    return (None if out is None else out // channels_out), (None if inp is None else inp // channels_in)
-
-
-def match_layer(node: NodeProto, index: int, view: GraphView, model: ModelProto, options: LowRankOptions) -> Layer:
-    """The node as a :class:`Layer` when its weight may be factorized; :class:`Skip` with the reason otherwise."""
-    name = node.input[1]
-    tensor = constant_tensor(view, name)
-    _require(tensor is not None, UNSUPPORTED, "the weight is not a constant of the graph (or is an overridable graph input)")
-    _require(name not in view.graph_outputs, UNSUPPORTED, "the weight is a graph output")
-    _require(tensor.data_type in WEIGHT_TYPES, UNSUPPORTED, "the weight is not float or float16")  # type: ignore[union-attr]
-    readers = unique(view.consumers.get(name, []))
-    _require(len(readers) == 1 and list(node.input).count(name) == 1, SHARED, "the weight is read by several nodes or inputs")
-    names = [n for n in (node.name, name) if n]
-    _require(not any(matches_pattern(n, options.exclude) for n in names), EXCLUDED, "excluded by name")
-    dims = tuple(int(d) for d in tensor.dims)  # type: ignore[union-attr]
-    _require(math.prod(dims) >= options.min_size, SMALL, f"smaller than min_size={options.min_size}")
-    kernel: tuple[int, ...] = ()
-    stride = 1
-    if node.op_type == "Conv":
-        _require(len(dims) >= 3, UNSUPPORTED, f"a conv weight of rank {len(dims)}")
-        groups = int(get_attr(node, "group", 1))  # type: ignore[call-overload]
-        _require(groups >= 1 and dims[0] % groups == 0, UNSUPPORTED, "bad group attribute")
-        _require(groups == 1 or dims[1] > 1, DEPTHWISE, "depthwise (one input channel per group)")
-        kernel = dims[2:]
-        stride = math.prod(int(s) for s in (get_attr(node, "strides", None) or [1]))  # type: ignore[union-attr]
-    else:
-        _require(len(dims) == 2, UNSUPPORTED, f"a weight of rank {len(dims)}")
-        if node.op_type == "Gemm" and int(get_attr(node, "transA", 0)):  # type: ignore[call-overload]
-            version = opset_version(model) or 1
-            _require(version >= GEMM_OPTIONAL_C_OPSET, UNSUPPORTED, f"a Gemm with transA=1 at opset {version} < 11")
-    matrices = weight_matrices(node, numpy_helper.to_array(tensor))  # type: ignore[arg-type]
-    producer = view.producer.get(name)
-    constant_node = producer if producer is not None and producer.op_type == "Constant" else None
-    return Layer(node, index, name, tensor, constant_node, matrices, kernel, stride=stride)  # type: ignore[arg-type]
-
-
-@dataclass
-class Survey:
-    """The candidate layers of the main graph and the layers left alone, as (kind, "label: reason")."""
-
-    layers: list[Layer] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-
-
-def survey(model: ModelProto, view: GraphView, options: LowRankOptions, subgraph_layers: int) -> Survey:
-    """Match every node of ``ops`` in the main graph; count those of subgraphs as skipped."""
-    found = Survey()
-    found.skipped.extend((SUBGRAPH, "a node inside an If/Loop/Scan body") for _ in range(subgraph_layers))
-    for index, node in enumerate(view.nodes):
-        if not is_standard(node) or node.op_type not in options.ops or len(node.input) < 2 or not node.input[1]:
-            continue
-        if constant_tensor(view, node.input[1]) is None and node.input[1] not in view.initializers:
-            continue  # an activation times an activation (attention scores): not a weight
-        try:
-            found.layers.append(match_layer(node, index, view, model, options))
-        except Skip as exc:
-            log.debug("%s: %s left alone: %s", PASS_NAME, node_label(node), exc.reason)
-            found.skipped.append((exc.kind, f"{node_label(node)}: {exc.reason}"))
-    return found
-
-
-def count_subgraph_layers(ctx: PassContext, options: LowRankOptions) -> int:
-    """Nodes of ``ops`` inside If/Loop/Scan bodies (left alone)."""
-    return sum(1 for scope in ctx.scopes()[1:] for node in scope.graph.node if is_standard(node) and node.op_type in options.ops)
-
-
-def attach_rows(layers: list[Layer], types: dict) -> None:
-    """Set each layer's row counts from inferred static shapes."""
-    for layer in layers:
-        layer.rows_out, layer.rows_in = _rows(layer.node, types, layer.cout, layer.cin)
-
-
-def calibration_types(model: ModelProto, calibration) -> dict | None:
-    """Types inferred with the graph inputs fixed to the first calibration sample's shapes (None if that fails)."""
-    from onnxopt.shapes import infer_types
-
-    try:
-        batch = calibration.first_batch(1)
-    except Exception:  # noqa: BLE001 - shapes are a nicety for the report and the flops budget
-        return None
-    copy = ModelProto()
-    copy.CopyFrom(model)
-    for value in copy.graph.input:
-        array = batch.get(value.name)
-        if array is None or value.type.WhichOneof("value") != "tensor_type":
-            continue
-        value.type.tensor_type.shape.Clear()
-        for size in np.shape(array):
-            value.type.tensor_type.shape.dim.add().dim_value = int(size)
-    return infer_types(copy)
-
-
 # ----------------------------------------------------------------------------- factorizations
-
-
-@dataclass
-class Factorized:
-    """The emitted weights of one layer (float64) and the energy they keep."""
-
-    choice: Choice
-    arrays: list[np.ndarray]
-    energy: float
 
 
 class Factorizer:
@@ -546,150 +271,6 @@ def budget_choice(layer: Layer, method: str, keep: float, by: str, step: int) ->
     fits = [index for index, c in enumerate(costs) if c <= budget]
     best = fits[-1] if fits else 0
     return Choice(method, (round_down(int(ins[best]), step, layer.cin), round_down(int(outs[best]), step, layer.cout)))
-
-
-# ----------------------------------------------------------------------------- rewriting
-
-
-@dataclass
-class Emission:
-    """What one layer's rewrite adds: nodes replacing the original, new weights, new intermediates (name, type)."""
-
-    nodes: list[NodeProto] = field(default_factory=list)
-    initializers: list[TensorProto] = field(default_factory=list)
-    intermediates: list[tuple[str, TypeProto | None]] = field(default_factory=list)
-
-
-def _with_dim(type_proto: TypeProto | None, axis: int, size: int) -> TypeProto | None:
-    """A copy of a tensor type with one dim set to ``size`` (None when the rank is unknown)."""
-    if type_proto is None or type_proto.WhichOneof("value") != "tensor_type" or not type_proto.tensor_type.HasField("shape"):
-        return None
-    copy = TypeProto()
-    copy.CopyFrom(type_proto)
-    dims = copy.tensor_type.shape.dim
-    if not len(dims):
-        return None
-    dims[axis].Clear()
-    dims[axis].dim_value = size
-    return copy
-
-
-def _conv_attrs(node: NodeProto, *, pointwise: bool, groups: int = 1) -> dict:
-    """The conv's attributes for a factor: all of them (group replaced) or those of a 1x1 conv."""
-    if pointwise:
-        attrs: dict = {"group": groups} if groups > 1 else {}
-        kernel = get_attr(node, "kernel_shape", None)
-        if kernel is not None:
-            attrs["kernel_shape"] = [1] * len(kernel)  # type: ignore[arg-type]
-        return attrs
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "group"}
-    if groups > 1:
-        attrs["group"] = groups
-    return attrs
-
-
-def emit(layer: Layer, factorized: Factorized, names: NameGenerator, types: dict) -> Emission:
-    """The nodes and weights replacing ``layer``: the last node writes the original output."""
-    node = layer.node
-    base = node.name or node.output[0]
-    out = Emission()
-    weights = []
-    for index, array in enumerate(factorized.arrays):
-        name = names.fresh(f"{layer.weight}_lr{index}")
-        out.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array.astype(layer.dtype)), name))
-        weights.append(name)
-    hidden = [names.fresh(f"{node.output[0]}_lr{i}") for i in range(len(weights) - 1)]
-    node_names = [names.fresh(f"{base}_lr{i}") for i in range(len(weights))]
-    rank = factorized.choice.ranks
-    if node.op_type == "Conv":
-        _emit_conv(layer, factorized.choice, weights, hidden, node_names, out)
-        if factorized.choice.inward:
-            out.intermediates = [(hidden[0], _with_dim(types.get(node.input[0]), 1, rank[0]))]
-        elif factorized.choice.method == "tucker2":
-            out.intermediates = [
-                (hidden[0], _with_dim(types.get(node.input[0]), 1, rank[0])),
-                (hidden[1], _with_dim(types.get(node.output[0]), 1, rank[1])),
-            ]
-        else:
-            out.intermediates = [(hidden[0], _with_dim(types.get(node.output[0]), 1, rank[0] * layer.groups))]
-        return out
-    trans_a = node.op_type == "Gemm" and int(get_attr(node, "transA", 0))  # type: ignore[call-overload]
-    if trans_a:
-        first = helper.make_node("Gemm", [node.input[0], weights[0]], [hidden[0]], name=node_names[0], transA=1)
-    else:
-        first = helper.make_node("MatMul", [node.input[0], weights[0]], [hidden[0]], name=node_names[0])
-    second = NodeProto()
-    second.CopyFrom(node)
-    second.name = node_names[1]
-    second.input[0], second.input[1] = hidden[0], weights[1]
-    if trans_a:
-        kept = [a for a in second.attribute if a.name != "transA"]
-        del second.attribute[:]
-        second.attribute.extend(kept)
-    out.nodes = [first, second]
-    out.intermediates = [(hidden[0], _with_dim(types.get(node.output[0]), -1, rank[0]))]
-    return out
-
-
-def _emit_conv(layer: Layer, choice: Choice, weights: list[str], hidden: list[str], node_names: list[str], out: Emission) -> None:
-    node = layer.node
-    bias = [node.input[2]] if len(node.input) > 2 and node.input[2] else []
-    if choice.method == "tucker2":
-        out.nodes = [
-            helper.make_node("Conv", [node.input[0], weights[0]], [hidden[0]], name=node_names[0], **_conv_attrs(node, pointwise=True)),
-            helper.make_node("Conv", [hidden[0], weights[1]], [hidden[1]], name=node_names[1], **_conv_attrs(node, pointwise=False)),
-            helper.make_node(
-                "Conv", [hidden[1], weights[2], *bias], [node.output[0]], name=node_names[2], **_conv_attrs(node, pointwise=True)
-            ),
-        ]
-        return
-    if choice.inward:
-        out.nodes = [
-            helper.make_node("Conv", [node.input[0], weights[0]], [hidden[0]], name=node_names[0], **_conv_attrs(node, pointwise=True)),
-            helper.make_node(
-                "Conv", [hidden[0], weights[1], *bias], [node.output[0]], name=node_names[1], **_conv_attrs(node, pointwise=False)
-            ),
-        ]
-        return
-    g = layer.groups
-    out.nodes = [
-        helper.make_node(
-            "Conv", [node.input[0], weights[0]], [hidden[0]], name=node_names[0], **_conv_attrs(node, pointwise=False, groups=g)
-        ),
-        helper.make_node(
-            "Conv", [hidden[0], weights[1], *bias], [node.output[0]], name=node_names[1], **_conv_attrs(node, pointwise=True, groups=g)
-        ),
-    ]
-
-
-def apply_emissions(model: ModelProto, nodes: list[NodeProto], emissions: dict[int, Emission], layers: list[Layer], *, drop: bool) -> None:
-    """Put every emission in place of its node in ``model``'s main graph; ``drop`` removes the old weights."""
-    graph = model.graph
-    replaced = {id(nodes[layer.index]): emissions[layer.index].nodes for layer in layers if layer.index in emissions}
-    if drop:
-        gone = {layer.weight for layer in layers if layer.index in emissions and layer.constant_node is None}
-        for layer in layers:
-            if layer.index in emissions and layer.constant_node is not None:
-                replaced[id(layer.constant_node)] = []
-        if gone:
-            kept = [t for t in graph.initializer if t.name not in gone]
-            del graph.initializer[:]
-            graph.initializer.extend(kept)
-    for layer in layers:
-        if layer.index in emissions:
-            graph.initializer.extend(emissions[layer.index].initializers)
-    replace_nodes(graph, nodes, replaced)
-
-
-def variant(model: ModelProto, layer: Layer, factorized: Factorized, types: dict) -> ModelProto:
-    """A copy of ``model`` with only ``layer`` factorized (the old weight stays, unused), for the scan."""
-    copy = ModelProto()
-    copy.CopyFrom(model)
-    emission = emit(layer, factorized, NameGenerator(model), types)
-    nodes = list(copy.graph.node)
-    replace_nodes(copy.graph, nodes, {id(nodes[layer.index]): emission.nodes})
-    copy.graph.initializer.extend(emission.initializers)
-    return copy
 
 
 # ----------------------------------------------------------------------------- calibration
