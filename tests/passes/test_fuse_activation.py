@@ -13,6 +13,7 @@ from onnx import ModelProto, TensorProto, helper
 import onnxopt
 import onnxopt.passes.fuse_activation  # noqa: F401  (registers the pass)
 from models.build import transformer_block
+from onnxopt.calibration import CalibrationData
 from onnxopt.errors import OptionError
 
 PASS = "fuse_activations"
@@ -236,6 +237,16 @@ def test_clip_hardswish_guards(consts, tail, extra) -> None:
     result = run_pass(model, PASS)
     assert "HardSwish" not in op_types(result.model) and "HardSigmoid" not in op_types(result.model)
     assert_equivalent(model, result.model, WIDE)
+
+
+def test_clip_forms_stay_when_qdq_follows_on_ort_cpu() -> None:
+    model = hard_model(HARD_SWISH_FORMS["paddle_div"], opset=14)
+    data = CalibrationData.from_arrays({"x": WIDE["x"]}, model=model)
+    result = onnxopt.optimize(model, f"{PASS},qdq:keep_outputs=false", target="ort-cpu", calibration=data, isolate=False)
+    assert "HardSwish" not in op_types(result.model) and "Clip" in op_types(result.model)
+    assert any("1 Clip-form hard-swish/hard-sigmoid(s) kept: qdq runs later" in n for r in result.report.passes for n in r.notes)
+    result = onnxopt.optimize(model, f"{PASS},qdq:keep_outputs=false", target="trt", calibration=data, isolate=False)
+    assert "HardSwish" in op_types(result.model)  # trt keeps activations float between Q/DQ: one op is better there
 
 
 def test_clip_kinds_are_separate() -> None:
