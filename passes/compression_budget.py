@@ -44,6 +44,8 @@ def lower_hull(levels: Sequence[Level]) -> list[Level]:
     hull: list[Level] = []
     origin = (0.0, 0.0)
     for point in points:
+        if hull and point.saved == hull[-1].saved and point.error >= hull[-1].error:
+            continue  # the same saving for no less error (two methods of one layer can cost the same)
         if hull and point.error <= hull[-1].error and point.saved >= hull[-1].saved:
             # dominates the previous point: saves at least as much for no more error
             while hull and point.error <= hull[-1].error:

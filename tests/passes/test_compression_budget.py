@@ -57,3 +57,11 @@ def test_least_sensitive_layer_is_compressed_first():
     curves = {"sensitive": [Level("sensitive", 0.5, 10, 1.0)], "robust": [Level("robust", 0.5, 10, 0.01)]}
     result = allocate(curves, 10)
     assert list(result.chosen) == ["robust"]
+
+
+def test_equal_savings_keep_the_lower_error_and_do_not_divide_by_zero():
+    # one layer scored by two methods whose costs coincide (a 3x3 conv with Cin == Cout, either orientation)
+    curve = [Level("a", 0, 50.0, 0.3), Level("a", 1, 50.0, 0.1), Level("a", 2, 80.0, 0.5), Level("a", 3, 80.0, 0.4)]
+    assert [p.level for p in lower_hull(curve)] == [1, 3]
+    allocation = allocate({"a": curve, "b": [Level("b", 0, 40.0, 0.2)]}, 100.0)
+    assert allocation.reached and allocation.chosen["a"].level == 3
