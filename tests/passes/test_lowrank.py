@@ -389,6 +389,15 @@ def test_ratio_scan_puts_the_1x1_conv_first_where_that_is_exact():
     assert any("1x1 first" in n for n in notes(result)), notes(result)
 
 
+def test_ratio_scan_on_a_square_3x3_conv_whose_two_orientations_cost_the_same():
+    model = conv_model(rand(16, 16, 3, 3, seed=5) * 0.2, pads=[1, 1, 1, 1])  # r * (9 * 16 + 16) either way
+    result = lowrank(model, spec(ratio=0.5, min_size=0, round_rank=1), calib_for(model, 16))
+    c = counts(result)
+    before, after = recount(model), recount(result.model)
+    assert c["layers_factorized"] == 1 and before[1] - after[1] == c["flops_removed"] >= 0.45 * before[1]
+    assert max_rel_error(model, result.model, {"x": rand(2, 16, 10, 10, seed=6)}) < 0.9
+
+
 def test_inward_factors_compose_to_the_weight_and_use_the_pixel_gram():
     from onnxopt.passes.lowrank_factor import channel_gram, inward_conv_weights, inward_matrix
 
