@@ -66,6 +66,9 @@ class ReconstructOptions(PassOptions):
     batch_size: int = option(8, "calibration batch size")
     order: Literal["sequential", "parallel"] = option("sequential", "sequential: inputs after earlier re-fits (waves); parallel: one sweep")
     keep_zeros: bool = option(True, "keep the zeros of sparse weights (unstructured or N:M pruned) exactly zero")
+    min_rows: float = option(
+        1.0, "skip a layer with fewer calibration rows (samples x output positions) than this many per unknown of an output"
+    )
     guard: Literal["final", "wave", "off"] = option(
         "final",
         "model-level check on held-out calibration batches: undo everything if the outputs got worse (final), each wave that "
@@ -81,6 +84,8 @@ class ReconstructOptions(PassOptions):
             raise OptionError(f"option 'layers' of {where} is empty (changed, all, or names)")
         if any(item in SELECTIONS for item in self.layers) and len(self.layers) > 1:
             raise OptionError(f"option 'layers' of {where}: 'changed' and 'all' cannot be combined with other entries")
+        if not (math.isfinite(self.min_rows) and self.min_rows >= 0):
+            raise OptionError(f"option 'min_rows' of {where} must be a number >= 0, not {self.min_rows}")
         if not (math.isfinite(self.ridge) and self.ridge > 0):
             raise OptionError(f"option 'ridge' of {where} must be a positive number, not {self.ridge}")
         if self.samples < 0:
@@ -265,6 +270,10 @@ class Reconstruct(Pass):
                     if position not in stats:
                         selection.skip("shape_mismatch", layers[i].describe())
                         continue
+                    unknowns, rows = layers[i].k + 1, stats[position].total().rows
+                    if rows < options.min_rows * unknowns:
+                        selection.skip("too_few_rows", f"{layers[i].describe()}: {rows} rows for {unknowns} unknowns")
+                        continue
                     wave.append(refit(layers[i], stats[position], options, writer))
                 outcomes.extend(wave)
                 if options.guard == "wave" and error is not None and any(o.improved for o in wave):
@@ -330,6 +339,7 @@ SKIP_TEXT = {
     "shared_weight": "weight shared by several nodes",
     "unsupported_weight": "weight form not handled",
     "unsupported_bias": "bias form not handled",
+    "too_few_rows": "too few calibration rows for a reliable fit (min_rows; give more --calib samples)",
 }
 
 

@@ -499,7 +499,8 @@ def test_layer_selection_and_exclusion(conv_teacher, conv_data, options, changed
 
 def test_spec_string_options(conv_teacher, conv_data):
     student = _sparse_student(conv_teacher)
-    result = reconstruct(student, conv_teacher, conv_data, spec="reconstruct:layers=conv1|fc,ridge=0.01,order=parallel,samples=16")
+    spec = "reconstruct:layers=conv1|fc,ridge=0.01,order=parallel,samples=16,min_rows=0"  # fc has fewer rows than unknowns
+    result = reconstruct(student, conv_teacher, conv_data, spec=spec)
     assert counts(result)["layers_refit"] == 2
 
 
@@ -706,3 +707,12 @@ def test_ppocr_cls_with_zeroed_filters_gets_closer_to_the_teacher():
     result = reconstruct(student, teacher, data, layers="all")
     before, after = rel_error(student, teacher, held_out), rel_error(result.model, teacher, held_out)
     assert after < 0.7 * before, f"ppocr_cls, filters of {len(touched)} convs zeroed: held-out rel. error {before:.4f} -> {after:.4f}"
+
+
+def test_an_underdetermined_layer_is_skipped_not_overfitted(conv_teacher, conv_data):
+    student = _sparse_student(conv_teacher)
+    result = reconstruct(student, conv_teacher, conv_data, spec="reconstruct:layers=conv1|fc,order=parallel,samples=16")
+    c = counts(result)
+    assert c["layers_skipped_too_few_rows"] == 1 and c["layers_refit"] == 1  # fc: 16 rows for more unknowns
+    note = next(n for n in result.report.passes[-1].notes if "too few calibration rows" in n)
+    assert "16 rows for" in note
