@@ -195,7 +195,9 @@ class Reconstruct(Pass):
     columns, i.e. pruned filters, keep their bias too), quantized weights are re-quantized with
     their own scale/zero point/axis, int32 biases re-derived with their scale.
 
-    Guards: with 4 or more calibration batches every 4th is held out; weights are fitted on the
+    Guards: a layer with fewer calibration rows (samples x output positions) than ``min_rows``
+    times its unknowns per output column is skipped and noted (its fit would only reproduce the
+    calibration rows); with 4 or more calibration batches every 4th is held out; weights are fitted on the
     others and an output column keeps its old weights unless the new ones are better on the held-out
     rows and on all rows. ``order=sequential`` (default) takes each layer's inputs after the re-fits
     of the layers it depends on (one sweep per wave of independent layers); ``parallel`` does one
