@@ -14,7 +14,7 @@ channel c of the second divided by it, which leaves the float model unchanged (N
 
 Scales are clamped to ``MAX_SCALE`` either way of their geometric mean; dead channels keep 1.
 On PP-OCR rec (stem conv -> depthwise conv, channel ranges 1.1 to 21) the INT8 output cosine
-went from 0.9855 to 0.9897.
+went from 0.9867 to 0.9895 (``default,int8_dynamic,qdq:rounding=gptq`` on ort-cpu).
 """
 
 from __future__ import annotations
