@@ -25,7 +25,9 @@ import numpy as np
 from onnx import ModelProto, NodeProto, TensorProto, numpy_helper
 
 from onnxopt.graph import GraphView, is_standard
+from onnxopt.passes.fuse_conv_rules import scale_output_channels
 from onnxopt.passes.noop_rules import get_attr
+from onnxopt.passes.reconstruct_params import private
 
 HOMOGENEOUS = ("Relu", "LeakyRelu")  # f(s * x) = s * f(x) for s > 0, per channel
 MAX_SCALE = 100.0  # the largest factor either way of the scales' geometric mean
@@ -46,17 +48,9 @@ class Pair:
 
 
 def _private_float_constant(view: GraphView, name: str, reader: NodeProto) -> bool:
-    """Whether ``name`` is a float32 initializer (not a graph input) read by ``reader`` alone."""
+    """Whether ``name`` is a float32 initializer (not a graph input or output) read once, by ``reader`` alone."""
     tensor = view.initializers.get(name)
-    readers = view.consumers.get(name, [])
-    return (
-        tensor is not None
-        and view.is_constant(name)
-        and tensor.data_type == TensorProto.FLOAT
-        and len(readers) == 1
-        and readers[0] is reader
-        and list(reader.input).count(name) == 1
-    )
+    return tensor is not None and view.is_constant(name) and tensor.data_type == TensorProto.FLOAT and private(view, name, reader)
 
 
 def _conv_ok(view: GraphView, node: NodeProto) -> bool:
@@ -121,8 +115,7 @@ def apply_scales(view: GraphView, pair: Pair, scales: np.ndarray) -> None:
     producer, consumer = pair.producer, pair.consumer
     weight = view.initializers[producer.input[1]]
     w1 = numpy_helper.to_array(weight).astype(np.float64)
-    shape = (-1,) + (1,) * (w1.ndim - 1)
-    weight.CopyFrom(numpy_helper.from_array((w1 * scales.reshape(shape)).astype(np.float32), weight.name))
+    weight.CopyFrom(numpy_helper.from_array(scale_output_channels(producer, w1, scales).astype(np.float32), weight.name))
     if len(producer.input) > 2 and producer.input[2]:
         bias = view.initializers[producer.input[2]]
         b1 = numpy_helper.to_array(bias).astype(np.float64)
@@ -164,7 +157,7 @@ def equalize(model: ModelProto, data, batch_size: int) -> int:
         weight = numpy_helper.to_array(view.initializers[pair.consumer.input[1]])
         groups = int(get_attr(pair.consumer, "group", 1))  # type: ignore[call-overload]
         scales = None if measured is None else channel_scales(measured, weight, groups)
-        if scales is None or weight.ndim < 3 or numpy_helper.to_array(view.initializers[pair.producer.input[1]]).shape[0] != scales.size:
+        if scales is None or weight.ndim < 3 or view.initializers[pair.producer.input[1]].dims[0] != scales.size:
             continue
         if np.allclose(scales, 1.0):
             continue
