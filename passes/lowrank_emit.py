@@ -120,21 +120,17 @@ def _emit_conv(layer: Layer, choice: Choice, weights: list[str], hidden: list[st
             ),
         ]
         return
-    if choice.inward:
-        out.nodes = [
-            helper.make_node("Conv", [node.input[0], weights[0]], [hidden[0]], name=node_names[0], **_conv_attrs(node, pointwise=True)),
-            helper.make_node(
-                "Conv", [hidden[0], weights[1], *bias], [node.output[0]], name=node_names[1], **_conv_attrs(node, pointwise=False)
-            ),
-        ]
-        return
-    g = layer.groups
+    g, first_pointwise = layer.groups, choice.inward  # SVD: k x k conv then 1x1; 1x1 first (one group): the other way
     out.nodes = [
         helper.make_node(
-            "Conv", [node.input[0], weights[0]], [hidden[0]], name=node_names[0], **_conv_attrs(node, pointwise=False, groups=g)
+            "Conv", [node.input[0], weights[0]], [hidden[0]], name=node_names[0], **_conv_attrs(node, pointwise=first_pointwise, groups=g)
         ),
         helper.make_node(
-            "Conv", [hidden[0], weights[1], *bias], [node.output[0]], name=node_names[1], **_conv_attrs(node, pointwise=True, groups=g)
+            "Conv",
+            [hidden[0], weights[1], *bias],
+            [node.output[0]],
+            name=node_names[1],
+            **_conv_attrs(node, pointwise=not first_pointwise, groups=g),
         ),
     ]
 
