@@ -245,9 +245,10 @@ def match_clip_hard(clip: NodeProto, view: GraphView, ctx: PassContext) -> Fusio
     require(bounds is not None and bounds[0] == 0.0 and bounds[1] == 6.0, "the Clip is not Clip(., 0, 6) with constant bounds")
     require(private(view, clip.input[0]), "the Clip input has other readers")
     add = producer(view, clip.input[0], "Add")
-    three = next((scalar(view, name) for name in add.input if scalar(view, name) is not None), None)
-    require(three is not None and len(add.input) == 2, "the Clip does not read x + constant")
-    x = other_input(add, next(name for name in add.input if scalar(view, name) is not None))
+    constant = next((name for name in add.input if scalar(view, name) is not None), None)
+    require(constant is not None and len(add.input) == 2, "the Clip does not read x + constant")
+    three = scalar(view, constant)
+    x = other_input(add, constant)  # type: ignore[arg-type]
     dtype = dtype_of(ctx, x) if elem(ctx, x) in FLOAT_TYPES else np.dtype(np.float32)
     require(close(three[0], 3.0, dtype), "the Add does not add 3")  # type: ignore[index]
     gate = clip.output[0]
