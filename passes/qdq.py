@@ -22,7 +22,8 @@ pairs so the tensor between them has even channel ranges (exact in float).
 Fidelity repairs (:mod:`onnxopt.passes.qdq_sensitivity`): ``bias_correction`` (default on) shifts each
 quantized layer's bias by its per-channel mean output error; ``sensitivity`` / ``keep_float`` /
 ``max_error`` rank the layers by the output error each adds alone and keep the worst ones float
-(on ort-cpu with int8 weights, so the file stays small).
+(on ort-cpu with int8 weights, so the file stays small); ``float_share`` keeps float the layers
+with the most error per multiply-accumulate, up to a share of the quantized layers' MACs.
 
 Per-channel DequantizeLinear needs ai.onnx opset 13: an older model is upgraded with onnx's
 version converter (checked on a calibration batch), or, when that fails, weights fall back to
@@ -77,6 +78,9 @@ class QdqOptions(PassOptions):
     sensitivity: bool = option(False, "rank layers by the output error when quantized alone (notes: top 10)")
     keep_float: int = option(0, "keep the N most sensitive layers in float (runs the sensitivity ranking)")
     max_error: float = option(0.0, "keep the most sensitive layers float until the output error (1 - cosine) is below this (0: off)")
+    float_share: float = option(
+        0.0, "keep layers float by output error per multiply-accumulate, up to this share of the quantized layers' MACs (0: off)"
+    )
     rounding: Literal["nearest", "gptq"] = option(
         "nearest", "weight rounding: nearest, or gptq (error-compensating, from layer input statistics)"
     )
@@ -106,6 +110,8 @@ class QdqOptions(PassOptions):
             raise OptionError(f"option 'damp' of {where} must be in (0, 10), not {self.damp}")
         if not 0 <= self.max_error < 1:
             raise OptionError(f"option 'max_error' of {where} must be in [0, 1), not {self.max_error}")
+        if not 0 <= self.float_share < 1:
+            raise OptionError(f"option 'float_share' of {where} must be in [0, 1), not {self.float_share}")
         check_patterns(PASS_NAME, "exclude", self.exclude)
 
 
@@ -269,7 +275,7 @@ class QuantizeQDQ(Pass):
         if options.rounding == "gptq":
             builder.rounding = GptqRounding(_hessians(float_model, view, plan, data, options, result), options.damp)
         keep: frozenset[int] = frozenset()
-        if options.sensitivity or options.keep_float or options.max_error:
+        if options.sensitivity or options.keep_float or options.max_error or options.float_share:
             from onnxopt.passes.qdq_sensitivity import choose_float_layers
 
             keep = choose_float_layers(builder, result)
@@ -469,6 +475,25 @@ class _Rewriter:
         nodes.append(helper.make_node("DequantizeLinear", inputs, [out], name=self.names.fresh(f"{base}_DequantizeLinear"), **kwargs))
         return out
 
+    def _cast_mul(self, source: str, params: QParams, base: str, rank: int) -> str:
+        """``Cast(q) * scale``: the DequantizeLinear of a symmetric int8 weight in a form onnxruntime folds at load.
+
+        onnxruntime never constant-folds a DequantizeLinear (its QDQ fusions need them), so a float
+        layer reading one gets a weight computed on every run, without the pre-packing and NCHWc
+        layouts of constant weights. Cast and Mul of constants are folded into a float weight when
+        the session loads, while the file keeps the int8 values.
+        """
+        cast = self.names.fresh(f"{base}_float")
+        self.front.append(helper.make_node("Cast", [source], [cast], name=self.names.fresh(f"{base}_Cast"), to=TensorProto.FLOAT))
+        scale = np.asarray(params.scale, np.float32)
+        if params.axis is not None:
+            shape = [1] * rank
+            shape[params.axis] = scale.size
+            scale = scale.reshape(shape)
+        out = self.names.fresh(f"{base}_dq")
+        self.front.append(helper.make_node("Mul", [cast, self._init(f"{base}_scale", scale)], [out], name=self.names.fresh(f"{base}_Mul")))
+        return out
+
     def apply(self, result: PassResult) -> None:
         graph, view, plan = self.model.graph, self.view, self.plan
         after: dict[str, list[NodeProto]] = {}
@@ -522,7 +547,7 @@ class _Rewriter:
         for node in plan.anchors:
             self._weight(node, weights, result)
         for node in plan.weight_only:
-            self._weight(node, weights, result, bias=False)
+            self._weight(node, weights, result, bias=False, folded=True)
         if not self.symmetric:
             self._constants(result)
         nodes: list[NodeProto] = list(self.front)
@@ -539,20 +564,25 @@ class _Rewriter:
         graph.initializer.extend(self.inits)
         self._drop_unused()
 
-    def _weight(self, node: NodeProto, cache: dict, result: PassResult, *, bias: bool = True) -> None:
+    def _weight(self, node: NodeProto, cache: dict, result: PassResult, *, bias: bool = True, folded: bool = False) -> None:
+        """Store a layer's weight as int8: read through a DequantizeLinear, or (``folded``) through Cast and Mul."""
         name = node.input[1]
         weight = const_name(self.view, name)
         if weight is None or weight.dtype != np.float32:
             return
         axis = weight_axis(node, weight) if self.per_channel else None
         key = (name, axis)
-        if key not in cache:
+        if (key, folded) not in cache:
             params = weight_params(weight, axis)
             q_name = self._init(f"{name}_quantized", self._integers(node, weight, params, key))
-            cache[key] = (self._dq(q_name, params, name, self.front), params)
+            if folded:
+                out = self._cast_mul(q_name, params, name, weight.ndim)
+            else:
+                out = self._dq(q_name, params, name, self.front)
+            cache[key, folded] = (out, params)
             self.replaced.add(name)
             result.count("weights_int8")
-        dq_out, params = cache[key]
+        dq_out, params = cache[key, folded]
         node.input[1] = dq_out
         if bias and not self.symmetric:
             self._bias(node, params, result)

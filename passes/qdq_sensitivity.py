@@ -8,7 +8,10 @@
   is the constant of the Add that reads it). A layer without a bias gets one.
 * Sensitivity: each layer is quantized alone (the others float) and the model's output error
   (1 - cosine of all outputs) is measured on two calibration batches; the most sensitive layers
-  can be kept float (``keep_float=N``, or as many as needed for ``max_error``).
+  can be kept float (``keep_float=N``, or as many as needed for ``max_error``), or those with the
+  most error per multiply-accumulate up to a share of the quantized layers' MACs (``float_share``:
+  a float layer's cost grows with its MACs, so many small sensitive layers such as depthwise and
+  early narrow convolutions cost less than one wide pointwise layer).
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from onnx import ModelProto, NodeProto, helper, numpy_helper
 
 from onnxopt.calibration import collect_stats
 from onnxopt.calibration.fidelity import output_error, run_batches
-from onnxopt.graph import NameGenerator
+from onnxopt.graph import GraphView, NameGenerator
 from onnxopt.passbase import PassResult
+from onnxopt.passes.fusion_support import const_name
 
 if TYPE_CHECKING:
     from onnxopt.passes.qdq import Builder, _Rewriter
@@ -54,34 +58,78 @@ def rank_layers(builder: Builder) -> tuple[list[tuple[float, int]], list[dict[st
     return ranking, feeds, reference
 
 
+def layer_macs(model: ModelProto, positions: list[int], feeds: dict[str, np.ndarray]) -> dict[int, int]:
+    """Multiply-accumulates of the layers at ``positions`` on one calibration batch (output size x weight size / output channels)."""
+    from onnxopt.calibration.capture import probe_session
+    from onnxopt.passes.qdq import weight_axis
+
+    view = GraphView.build(model.graph)
+    nodes = model.graph.node
+    names = [nodes[p].output[0] for p in positions]
+    values = dict(zip(names, probe_session(model, names, what="to count layer MACs").run(names, feeds)))
+    macs = {}
+    for pos, name in zip(positions, names):
+        node, weight = nodes[pos], const_name(view, nodes[pos].input[1])
+        if weight is None or not weight.ndim:
+            macs[pos] = 0
+            continue
+        if node.op_type == "ConvTranspose":  # [Cin, Cout / group, k...]: about Cin / group x k... per output value (stride ignored)
+            channels = weight.shape[1] * int(_attr(node, "group", 1)) if weight.ndim > 1 else 1
+        else:
+            axis = weight_axis(node, weight)
+            channels = weight.shape[axis] if axis is not None else 1
+        macs[pos] = int(np.asarray(values[name]).size * weight.size // max(channels, 1))
+    return macs
+
+
+def within_share(ranking: list[tuple[float, int]], macs: dict[int, int], share: float) -> list[int]:
+    """Positions by error per MAC, most first, whose MACs together stay within ``share`` of all (layers without error skipped)."""
+    total = sum(macs.get(pos, 0) for _, pos in ranking)
+    budget, used, chosen = share * total, 0, []
+    for error, pos in sorted(ranking, key=lambda item: (-item[0] / max(macs.get(item[1], 0), 1), item[1])):
+        cost = macs.get(pos, 0)
+        if error > 0 and used + cost <= budget:
+            chosen.append(pos)
+            used += cost
+    return chosen
+
+
 def choose_float_layers(builder: Builder, result: PassResult) -> frozenset[int]:
-    """Rank the layers, note the top ones, and return the positions to keep float (``keep_float`` / ``max_error``)."""
+    """Rank the layers, note the top ones, and return the positions to keep float (``keep_float`` / ``max_error`` / ``float_share``)."""
     options = builder.options
     start = time.perf_counter()
     ranking, feeds, reference = rank_layers(builder)
     nodes = builder.float_model.graph.node
     count = min(options.keep_float, len(ranking))
+    keep = {pos for _, pos in ranking[:count]}
+    share_note = ""
+    if options.float_share and ranking:
+        macs = layer_macs(builder.float_model, [pos for _, pos in ranking], feeds[0])
+        keep.update(within_share(ranking, macs, options.float_share))
+        total = sum(macs.values())
+        kept = sum(macs[pos] for pos in keep) / total if total else 0.0
+        share_note = f" ({kept:.0%} of the quantized layers' MACs)"
     full_error = None
     if options.max_error:
+        rest = [pos for _, pos in ranking if pos not in keep]
         while True:
-            keep = frozenset(pos for _, pos in ranking[:count])
-            model, _, _ = builder.build(keep, weights=True)
+            model, _, _ = builder.build(frozenset(keep), weights=True)
             full_error = output_error(reference, run_batches(model, feeds))
-            if full_error <= options.max_error or count >= len(ranking):
+            if full_error <= options.max_error or not rest:
                 break
-            count += 1
+            keep.add(rest.pop(0))
     seconds = time.perf_counter() - start
     result.notes.append(
         f"qdq: sensitivity of {len(ranking)} layers ({SENSITIVITY_BATCHES} batches each, {seconds:.1f} s); "
-        f"kept float: {count}" + (f", full-model error {full_error:.3g}" if full_error is not None else "")
+        f"kept float: {len(keep)}{share_note}" + (f", full-model error {full_error:.3g}" if full_error is not None else "")
     )
     for rank, (error, pos) in enumerate(ranking[:TOP], 1):
         node = nodes[pos]
-        mark = " [kept float]" if rank <= count else ""
+        mark = " [kept float]" if pos in keep else ""
         result.notes.append(f"qdq: sensitivity #{rank} '{node.name or node.output[0]}' ({node.op_type}): 1-cos {error:.3g}{mark}")
-    if count:
-        result.count("layers_kept_float", count)
-    return frozenset(pos for _, pos in ranking[:count])
+    if keep:
+        result.count("layers_kept_float", len(keep))
+    return frozenset(keep)
 
 
 # ----------------------------------------------------------------------------- bias correction

@@ -2,8 +2,8 @@
 
 Parameters of the ``reconstruct`` pass (:mod:`onnxopt.passes.reconstruct`) are constants of the
 main graph (:class:`Stored`: initializers or Constant nodes). A weight is a float constant
-(:class:`FloatParam`) or ``DequantizeLinear`` of an int8/uint8 constant (:class:`QuantParam`,
-re-quantized with its own scale, zero point and axis); :class:`BiasSlot` says where a fitted bias
+(:class:`FloatParam`) or ``DequantizeLinear`` of an int8/uint8 constant, or ``Mul(Cast(q), scale)``
+(qdq's float layers on ort-cpu) (:class:`QuantParam`, re-quantized with its own scale, zero point and axis); :class:`BiasSlot` says where a fitted bias
 goes (Conv B, Gemm C, an int32 DequantizeLinear bias, the constant of an Add after a MatMul, or a
 new initializer). :class:`Writer` writes values back and can undo a wave of writes. Forms that are
 not handled raise :class:`Skip`.
@@ -210,6 +210,27 @@ def dequantized(view: GraphView, node: NodeProto, reader: NodeProto, types: dict
     return QuantParam(source, scale64, _broadcast(zeros, axis, ndim), low, high, scale.array.dtype)
 
 
+def cast_scaled(view: GraphView, node: NodeProto, reader: NodeProto) -> QuantParam:
+    """The parameter behind ``Mul(Cast(q), scale)`` read only by ``reader`` (qdq's float-layer weight on ort-cpu); Skip otherwise."""
+    cast = view.producer.get(node.input[0]) if len(node.input) == 2 else None
+    if cast is None or cast.op_type != "Cast" or not is_standard(cast) or not is_standard(node):
+        raise Skip(None)
+    source, scale = stored(view, cast.input[0]), stored(view, node.input[1])
+    if source is None or scale is None or _elem_type(source.array) not in QUANT_TYPES or _elem_type(scale.array) not in FLOAT_TYPES:
+        raise Skip(None)
+    if get_attr(cast, "to", 0) != _elem_type(scale.array) or scale.array.ndim > source.array.ndim:
+        raise Skip("unsupported_weight", "Cast x scale of a different type")
+    if not (private(view, node.output[0], reader) and private(view, cast.output[0], node) and private(view, cast.input[0], cast)):
+        raise Skip("shared_weight", "the quantized weight is shared")
+    padded = scale.array.reshape((1,) * (source.array.ndim - scale.array.ndim) + scale.array.shape)
+    if any(d not in (1, w) for d, w in zip(padded.shape, source.array.shape)) or sum(d > 1 for d in padded.shape) > 1:
+        raise Skip("unsupported_weight", "Cast x scale is not per tensor or per channel")
+    low, high = QUANT_TYPES[_elem_type(source.array)]
+    if _elem_type(source.array) == TensorProto.INT8 and source.array.size and int(source.array.min()) > low:
+        low = -high  # a symmetric [-127, 127] range stays symmetric
+    return QuantParam(source, padded.astype(np.float64), np.zeros(padded.shape), low, high, scale.array.dtype)
+
+
 def _elem_type(array: np.ndarray) -> int:
     """The ONNX element type of ``array`` (0 when it has none)."""
     try:
@@ -228,6 +249,8 @@ def weight_param(view: GraphView, name: str, reader: NodeProto) -> FloatParam | 
             raise Skip("shared_weight", "the weight is shared or a graph output")
         return FloatParam(source)
     node = view.producer.get(name)
+    if node is not None and node.op_type == "Mul":
+        return cast_scaled(view, node, reader)
     if node is None or node.op_type != "DequantizeLinear":
         raise Skip(None)
     return dequantized(view, node, reader, QUANT_TYPES)

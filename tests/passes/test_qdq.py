@@ -74,6 +74,16 @@ def quantized_input(model: ModelProto, node: NodeProto, index: int) -> tuple[Nod
     return dq, q
 
 
+def folded_weight(model: ModelProto, node: NodeProto) -> tuple[np.ndarray, np.ndarray]:
+    """The int8 values and scale behind a float layer's weight read through ``Mul(Cast(q), scale)`` (ort-cpu)."""
+    prod, values = producers(model), inits(model)
+    mul = prod[node.input[1]]
+    assert mul.op_type == "Mul", f"{node.name}'s weight is not Cast x scale"
+    cast = prod[mul.input[0]]
+    assert cast.op_type == "Cast" and cast.attribute[0].i == TensorProto.FLOAT
+    return values[cast.input[0]], values[mul.input[1]]
+
+
 def axis_of(node: NodeProto) -> int | None:
     """The axis attribute of a Q/DQ node, or None."""
     return next((a.i for a in node.attribute if a.name == "axis"), None)
@@ -262,10 +272,11 @@ def test_ort_cpu_structure() -> None:
     add = node_named(out, "add")
     assert all(prod[i].op_type == "DequantizeLinear" for i in add.input)
     assert [n.op_type for n in readers(out, "s")] == ["Relu"]
-    # the output layer keeps float activations but stores an int8 weight (file size)
+    # the output layer keeps float activations but stores an int8 weight (file size), read through
+    # Cast x scale (folded into a float weight when onnxruntime loads it) rather than a DequantizeLinear
     assert fc.input[0] == prod[fc.input[0]].output[0] and prod[fc.input[0]].op_type == "DequantizeLinear"
-    wdq, _ = quantized_input(out, fc, 1)
-    assert values[wdq.input[0]].dtype == np.int8
+    q, scale = folded_weight(out, fc)
+    assert q.dtype == np.int8 and scale.shape == (q.shape[0], 1)  # Gemm transB=1: per output row
     assert fc.input[2] == "bf"
     assert "y" in [o.name for o in out.graph.output] and prod["y"] is fc
     check_fidelity(model, out)
@@ -367,6 +378,7 @@ def test_already_quantized_is_left_alone() -> None:
         ("exclude=(", "bad regex"),
         ("keep_float=-1", "option 'keep_float'"),
         ("max_error=1.5", "option 'max_error'"),
+        ("float_share=1", "option 'float_share'"),
         ("rounding=adaround", "option 'rounding'"),
         ("damp=0", "option 'damp'"),
     ],
@@ -516,12 +528,76 @@ def test_sensitivity_ranking_and_keep_float(target: str) -> None:
         assert source is None or source.op_type != "DequantizeLinear" or producers(out)[source.input[0]].op_type != "QuantizeLinear"
         assert node.input[1] in inits(model)  # float weight
     else:  # ort-cpu: the layer runs in float with an int8 weight (file size) and its float bias (no QLinear* fusion)
-        wdq, _ = quantized_input(out, node, 1)
-        assert inits(out)[wdq.input[0]].dtype == np.int8
+        q, scale = folded_weight(out, node)
+        assert q.dtype == np.int8 and scale.dtype == np.float32
         if len(node.input) > 2:
             assert inits(out)[node.input[2]].dtype == np.float32
     assert any("[kept float]" in line for line in sensitivity_notes(kept))
     check_fidelity(model, out)
+
+
+def test_float_layer_weight_is_folded_by_onnxruntime(tmp_path) -> None:
+    """The Cast x scale weight of a float layer becomes one float initializer when onnxruntime loads it (pre-packable)."""
+    import onnxruntime as ort
+
+    model = resnet_block()
+    out = quantize(model, "ort-cpu", "keep_outputs=false,keep_float=3,bias_correction=false").model
+    q, scale = folded_weight(out, node_named(out, "conv2"))
+    assert q.dtype == np.int8 and scale.shape == (8, 1, 1, 1)  # the file stores int8, per output channel
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / "loaded.onnx")
+    ort.InferenceSession(out.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    loaded = onnx.load(str(tmp_path / "loaded.onnx"))
+    assert not [n for n in loaded.graph.node if n.op_type == "Cast"], "onnxruntime left a weight Cast unfolded"
+    conv2 = node_named(loaded, "conv2")
+    folded = {t.name: numpy_helper.to_array(t) for t in loaded.graph.initializer}[conv2.input[1]]
+    np.testing.assert_array_equal(folded, q.astype(np.float32) * scale)  # exactly the dequantized weight
+    check_fidelity(model, out)
+
+
+def test_layer_macs_counts_each_layout() -> None:
+    from onnxopt.passes.qdq_sensitivity import layer_macs
+
+    model = resnet_block()
+    feeds = dict(next(calib(model, 1).batches(1)))
+    positions = [i for i, n in enumerate(model.graph.node) if n.op_type in ("Conv", "Gemm")]
+    # conv1: 8 x 8 x 8 outputs x 3 x 3 x 3; conv2: 8 x 8 x 8 x 8 x 3 x 3; fc (transB): 5 outputs x 8
+    assert list(layer_macs(model, positions, feeds).values()) == [512 * 27, 512 * 72, 40]
+    deconv = deconv_model()
+    pos = next(i for i, n in enumerate(deconv.graph.node) if n.op_type == "ConvTranspose")
+    # ConvTranspose [4, 6, 2, 2], output 6 x 8 x 8: each output meets C_in x k x k = 16 weights (stride ignored)
+    assert layer_macs(deconv, [pos], dict(next(calib(deconv, 1).batches(1)))) == {pos: 384 * 16}
+
+
+def test_within_share_picks_by_error_per_mac() -> None:
+    from onnxopt.passes.qdq_sensitivity import within_share
+
+    ranking = [(0.04, 1), (0.03, 2), (0.001, 3), (0.0, 4)]
+    macs = {1: 800, 2: 100, 3: 100, 4: 0}
+    # per MAC: 2 (3e-4), then 1 (5e-5), then 3 (1e-5); 4 adds no error and is never kept
+    assert within_share(ranking, macs, 0.5) == [2, 3]  # 1 does not fit in 500 MACs; the cheaper 3 after it still does
+    assert within_share(ranking, macs, 0.95) == [2, 1]
+    assert within_share(ranking, macs, 0.05) == []
+
+
+@pytest.mark.parametrize("target", ["trt", "ort-cpu"])
+def test_float_share_keeps_layers_within_the_mac_share(target: str) -> None:
+    model = resnet_block()
+    result = quantize(model, target, "keep_outputs=false,float_share=0.3,bias_correction=false")
+    summary = next(w for w in result.report.notes if "sensitivity of" in w)
+    share = float(summary.split("(")[-1].split("%")[0]) / 100
+    assert "of the quantized layers' MACs" in summary and 0 < share <= 0.3
+    kept = [line.split("'")[1] for line in sensitivity_notes(result) if "[kept float]" in line]
+    # conv2 holds 72% of the MACs: it cannot fit, so conv1 (27%) and fc are the candidates
+    assert "conv2" not in kept and kept
+    for name in kept:
+        node = node_named(result.model, name)
+        if target == "trt":
+            assert node.input[1] in inits(model)
+        else:
+            assert folded_weight(result.model, node)[0].dtype == np.int8
+    check_fidelity(model, result.model)
 
 
 def test_max_error_keeps_layers_until_below() -> None:

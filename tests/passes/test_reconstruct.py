@@ -145,8 +145,10 @@ def channel_pruned(weights: dict[str, np.ndarray], fraction: float = 0.3) -> Mod
     return conv_net(pruned)
 
 
-def quantize_to_dq(model: ModelProto, names: list[str], *, int32_bias: dict[str, str] | None = None) -> ModelProto:
+def quantize_to_dq(model: ModelProto, names: list[str], *, int32_bias: dict[str, str] | None = None, cast: bool = False) -> ModelProto:
     """``model`` with weights ``names`` as DequantizeLinear(int8 per-channel symmetric, axis 0).
+
+    ``cast``: as ``Mul(Cast(q), scale)`` instead (qdq's form for float layers on ort-cpu).
 
     ``int32_bias`` maps a bias name to its weight's name: the bias becomes DequantizeLinear of int32
     with scale 0.05 * weight scale (the onnxruntime-CPU form).
@@ -162,6 +164,11 @@ def quantize_to_dq(model: ModelProto, names: list[str], *, int32_bias: dict[str,
         shape = (-1,) + (1,) * (w.ndim - 1)
         q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
         scales[name] = scale
+        if cast:
+            graph.initializer.extend([init(f"{name}_q", q), init(f"{name}_scale", scale.reshape(shape))])
+            front.append(helper.make_node("Cast", [f"{name}_q"], [f"{name}_float"], to=TensorProto.FLOAT))
+            front.append(helper.make_node("Mul", [f"{name}_float", f"{name}_scale"], [f"{name}_dq"]))
+            continue
         graph.initializer.extend([init(f"{name}_q", q), init(f"{name}_scale", scale), init(f"{name}_zp", np.zeros(scale.shape, np.int8))])
         front.append(helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_scale", f"{name}_zp"], [f"{name}_dq"], axis=0))
     for bias, weight in (int32_bias or {}).items():
@@ -383,6 +390,18 @@ def test_int8_weights_stay_int8_with_the_same_scales(conv_teacher, conv_data):
         assert array(result.model, f"{name}_zp").tobytes() == array(student, f"{name}_zp").tobytes()
     assert not np.array_equal(array(result.model, "W2_q"), array(student, "W2_q"))
     assert {t.name for t in result.model.graph.initializer} == {t.name for t in student.graph.initializer}
+
+
+def test_cast_times_scale_int8_weights_are_refitted_and_stay_int8(conv_teacher, conv_data):
+    student = quantize_to_dq(channel_pruned(conv_weights()), ["W1", "W2", "Wf"], cast=True)
+    result = reconstruct(student, conv_teacher, conv_data)
+    assert_improves(student, conv_teacher, result, CONV_HELD_OUT, 1.5)
+    assert counts(result)["layers_refit"] >= 1
+    for name in ("W1", "W2", "Wf"):
+        assert array(result.model, f"{name}_q").dtype == np.int8
+        assert array(result.model, f"{name}_scale").tobytes() == array(student, f"{name}_scale").tobytes()
+    assert not np.array_equal(array(result.model, "W2_q"), array(student, "W2_q"))
+    assert [n.op_type for n in result.model.graph.node] == [n.op_type for n in student.graph.node]
 
 
 def test_int32_bias_is_rederived_with_its_scale(conv_teacher, conv_data):
