@@ -2,11 +2,12 @@
 
 Parameters of the ``reconstruct`` pass (:mod:`onnxopt.passes.reconstruct`) are constants of the
 main graph (:class:`Stored`: initializers or Constant nodes). A weight is a float constant
-(:class:`FloatParam`) or ``DequantizeLinear`` of an int8/uint8 constant, or ``Mul(Cast(q), scale)``
-(qdq's float layers on ort-cpu) (:class:`QuantParam`, re-quantized with its own scale, zero point and axis); :class:`BiasSlot` says where a fitted bias
-goes (Conv B, Gemm C, an int32 DequantizeLinear bias, the constant of an Add after a MatMul, or a
-new initializer). :class:`Writer` writes values back and can undo a wave of writes. Forms that are
-not handled raise :class:`Skip`.
+(:class:`FloatParam`), or ``DequantizeLinear`` of an int8/uint8 constant or ``Mul(Cast(q), scale)``
+(qdq's float layers on ort-cpu), both :class:`QuantParam`, re-quantized with their own scale, zero
+point and axis; :class:`BiasSlot` says where a fitted bias goes (Conv B, Gemm C, an int32
+DequantizeLinear bias, the constant of an Add after a MatMul, or a new initializer).
+:class:`Writer` writes values back and can undo a wave of writes. Forms that are not handled
+raise :class:`Skip`.
 """
 
 from __future__ import annotations
