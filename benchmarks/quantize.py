@@ -3,7 +3,8 @@
     python benchmarks/quantize.py [--models ppocr_det,ppocr_rec,ppocr_cls,magika,minilm] [--runs 30] [--passes ...]
 
 Both tools calibrate on the same 32 realistic inputs (models/calib_data.py; magika: byte
-features of Python standard library files) and are evaluated on 16 other ones. onnxruntime's
+features of Python standard library files) and are evaluated on 16 other ones (PP-OCR rec: 64
+text lines, 2560 steps, since its per-step agreement moves by 0.0016 per step on 16 lines). onnxruntime's
 quantizer runs in a child process (it crashes on some models) in its fast CPU form: QDQ, uint8
 activations, int8 per-channel weights, on the model upgraded to opset 13 (it needs that for
 per-channel) and passed through its own ``quant_pre_process`` (without it, weights stored as
@@ -17,9 +18,9 @@ agreement, cls / magika top-1 agreement, plus mean cosine of the outputs.
 is onnxruntime's per-channel dynamic INT8 (quantize_dynamic), its metric the cosine of the
 mean-pooled sentence embeddings (mean and min over the evaluation sentences). Its passes are
 ``default,int8_dynamic`` (INT8 weights, inputs quantized per call: the fast CPU form for encoders),
-PP-OCR rec's ``default,int8_dynamic,qdq:rounding=gptq,keep_float=7`` (its attention MatMuls
-dynamic, its convs static with GPTQ rounding, its 7 most sensitive convs float), the others'
-``default,qdq``; ``--passes`` sets one pipeline for every model.
+PP-OCR rec's ``default,int8_dynamic,qdq:rounding=gptq,float_share=0.4`` (its attention MatMuls
+dynamic, its convs static with GPTQ rounding, and float the layers with the most error per MAC
+within 40% of the quantized MACs), the others' ``default,qdq``; ``--passes`` sets one pipeline for every model.
 """
 
 from __future__ import annotations
@@ -44,9 +45,11 @@ from timing import latency, session  # noqa: E402  (benchmarks/timing.py)
 MODELS = ("ppocr_det", "ppocr_rec", "ppocr_cls", "magika", "minilm")
 EXPORTS = Path("/tmp/exports")
 CALIB, EVAL = 32, 16
-# every other model: default,qdq. rec: its MatMuls dynamic (no clipping), its convs static with GPTQ rounding, and
-# the 7 layers the sensitivity scan ranks worst kept float with int8 weights (top-1 0.9797, cosine 0.9946; 0.97 with none kept)
-PASSES = {"minilm": "default,int8_dynamic", "ppocr_rec": "default,int8_dynamic,qdq:rounding=gptq,keep_float=7"}
+EVAL_SAMPLES = {"ppocr_rec": 64}  # per-step agreement of 40-step lines: 16 lines are too few to tell 0.975 from 0.98
+# every other model: default,qdq. rec: its MatMuls dynamic (no clipping), its convs static with GPTQ rounding, and the
+# layers with the most output error per MAC kept float (int8 weights) within 40% of the quantized layers' MACs: 34 small
+# depthwise and early convs plus one wide pointwise conv (top-1 0.983 on 64 lines; 0.970 with none kept, 0.975 with keep_float=7)
+PASSES = {"minilm": "default,int8_dynamic", "ppocr_rec": "default,int8_dynamic,qdq:rounding=gptq,float_share=0.4"}
 
 
 def _cached(name: str) -> Path:
@@ -199,7 +202,7 @@ def bench(name: str, runs: int, passes: str, out_dir: Path) -> dict:
 
     src = _cached(name)
     calib = inputs(name, CALIB, seed=1)
-    evals = inputs(name, EVAL, seed=2)
+    evals = inputs(name, EVAL_SAMPLES.get(name, EVAL), seed=2)
     row: dict = {"model": name}
     paths = {"fp32": src}
     mine = out_dir / f"{name}.onnxopt.onnx"
