@@ -20,7 +20,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from onnx import ModelProto, NodeProto, helper, numpy_helper
+from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from onnxopt.calibration import collect_stats
 from onnxopt.calibration.fidelity import output_error, run_batches
@@ -59,27 +59,21 @@ def rank_layers(builder: Builder) -> tuple[list[tuple[float, int]], list[dict[st
 
 
 def layer_macs(model: ModelProto, positions: list[int], feeds: dict[str, np.ndarray]) -> dict[int, int]:
-    """Multiply-accumulates of the layers at ``positions`` on one calibration batch (output size x weight size / output channels)."""
+    """Multiply-accumulates of the layers at ``positions`` on one calibration batch (:func:`onnxopt.analysis.node_flops` / 2).
+
+    The shapes are those the batch produces, so dynamic dimensions count at their calibration size.
+    """
+    from onnxopt.analysis import node_flops
     from onnxopt.calibration.capture import probe_session
-    from onnxopt.passes.qdq import weight_axis
 
     view = GraphView.build(model.graph)
-    nodes = model.graph.node
-    names = [nodes[p].output[0] for p in positions]
-    values = dict(zip(names, probe_session(model, names, what="to count layer MACs").run(names, feeds)))
-    macs = {}
-    for pos, name in zip(positions, names):
-        node, weight = nodes[pos], const_name(view, nodes[pos].input[1])
-        if weight is None or not weight.ndim:
-            macs[pos] = 0
-            continue
-        if node.op_type == "ConvTranspose":  # [Cin, Cout / group, k...]: about Cin / group x k... per output value (stride ignored)
-            channels = weight.shape[1] * int(_attr(node, "group", 1)) if weight.ndim > 1 else 1
-        else:
-            axis = weight_axis(node, weight)
-            channels = weight.shape[axis] if axis is not None else 1
-        macs[pos] = int(np.asarray(values[name]).size * weight.size // max(channels, 1))
-    return macs
+    nodes = [model.graph.node[p] for p in positions]
+    constants = {n: const_name(view, n) for node in nodes for n in node.input[:2]}
+    constants = {n: value for n, value in constants.items() if value is not None}
+    names = list(dict.fromkeys(n for node in nodes for n in (node.input[0], node.output[0]) if n not in feeds and n not in constants))
+    values = dict(zip(names, probe_session(model, names, what="to count layer MACs").run(names, feeds)), **feeds, **constants)
+    types = {name: helper.make_tensor_type_proto(TensorProto.FLOAT, np.shape(value)) for name, value in values.items()}
+    return {pos: (node_flops(node, {}, types) or 0) // 2 for pos, node in zip(positions, nodes)}
 
 
 def within_share(ranking: list[tuple[float, int]], macs: dict[int, int], share: float) -> list[int]:

@@ -566,8 +566,8 @@ def test_layer_macs_counts_each_layout() -> None:
     assert list(layer_macs(model, positions, feeds).values()) == [512 * 27, 512 * 72, 40]
     deconv = deconv_model()
     pos = next(i for i, n in enumerate(deconv.graph.node) if n.op_type == "ConvTranspose")
-    # ConvTranspose [4, 6, 2, 2], output 6 x 8 x 8: each output meets C_in x k x k = 16 weights (stride ignored)
-    assert layer_macs(deconv, [pos], dict(next(calib(deconv, 1).batches(1)))) == {pos: 384 * 16}
+    # ConvTranspose [4, 6, 2, 2], stride 2, input 4 x 4 x 4: each input value meets C_out x k x k = 24 weights
+    assert layer_macs(deconv, [pos], dict(next(calib(deconv, 1).batches(1)))) == {pos: 64 * 24}
 
 
 def test_within_share_picks_by_error_per_mac() -> None:
