@@ -107,9 +107,11 @@ class PassManager:
     def _check_requirements(self) -> None:
         """Fail before running anything when a pass needs what this run does not provide."""
         for p in self._passes():
-            if Requirement.CALIBRATION in p.requires and self.calibration is None:
-                raise RequirementError(f"pass '{p.name}' needs calibration data; give it with --calib (or calibration= in Python)")
-            if Requirement.TARGET in p.requires and self.target == "portable":
+            needs = p.required()
+            if Requirement.CALIBRATION in needs and self.calibration is None:
+                why = "" if Requirement.CALIBRATION in p.requires else " with the options given"
+                raise RequirementError(f"pass '{p.name}' needs calibration data{why}; give it with --calib (or calibration= in Python)")
+            if Requirement.TARGET in needs and self.target == "portable":
                 raise RequirementError(f"pass '{p.name}' needs a back-end target; give --target trt, ort-cpu or ort-gpu")
 
     def run(self, model: ModelProto) -> OptimizeResult:

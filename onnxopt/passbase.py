@@ -259,7 +259,8 @@ class Pass:
 
     Class attributes state the contract:
       * ``Options``: the options dataclass (default: none).
-      * ``requires``: :class:`Requirement` values the manager must provide.
+      * ``requires``: :class:`Requirement` values the manager must provide (:meth:`required`
+        adds what the pass's options ask for, such as calibration data for GPTQ rounding).
       * ``preserves_types``: post-condition; every value that survives keeps its type and
         shape, so the manager may keep its cached type inference.
       * ``recurse``: whether ``run_graph`` is called for subgraphs too.
@@ -281,6 +282,10 @@ class Pass:
         if options is not None and kwargs:
             raise OptionError(f"pass '{self.name}': give options or keyword options, not both")
         self.options = options if options is not None else self.Options.create(self.name, **kwargs)
+
+    def required(self) -> frozenset[Requirement]:
+        """What this pass, with its options, needs from the manager (``requires`` unless an option adds to it)."""
+        return self.requires
 
     @classmethod
     def summary(cls) -> str:

@@ -3,7 +3,10 @@
 Each MatMul/Gemm with a constant 2-D float32 weight gets an int8 symmetric weight (per output
 column, or per tensor) and quantizes its input per call to uint8 with the input's own range, so no
 calibration data is needed and no clipping range can be wrong (what transformer encoders want:
-their activations have per-sentence outliers). Two emissions:
+their activations have per-sentence outliers). With ``rounding=gptq`` and calibration data the
+int8 weights are rounded by GPTQ from each layer's input statistics (main-graph layers; the
+scales stay the per-column maxima), which cuts the weight error of wide heads (a CTC classifier).
+Two emissions:
 
 * ``ort-cpu``: ``com.microsoft.DynamicQuantizeMatMul(A, Wq, w_scale[, bias])``, one kernel that
   quantizes A, multiplies in int8 and rescales; a following ``Add`` of a constant [N] bias is
@@ -22,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
@@ -35,6 +39,7 @@ from onnxopt.passes.noop_rules import NoMatch, constant_tensor, get_attr, requir
 from onnxopt.passes.qdq import INT8_MAX, weight_params
 from onnxopt.passes.qdq import quantize_weight as quantize_weight_values
 from onnxopt.passes.qdq_gather import quantize_gathers
+from onnxopt.passes.qdq_rounding import gptq_columns, layer_hessians, layer_key
 from onnxopt.registry import register_pass
 from onnxopt.shapes import StaticType, register_standin
 
@@ -61,11 +66,21 @@ class DynamicOptions(PassOptions):
     reduce_range: bool = option(False, "7-bit weights: avoids the int16 saturation of u8s8 kernels on CPUs without VNNI")
     attention: bool = option(True, "ort-cpu: Attention without attention_bias / past becomes QAttention")
     embeddings: bool = option(True, "store Gather tables of >= 65536 values as int8 (rows dequantized after lookup)")
+    rounding: Literal["nearest", "gptq"] = option(
+        "nearest", "weight rounding: nearest, or gptq (error-compensating, needs calibration data)"
+    )
+    damp: float = option(0.01, "gptq: Hessian damping as a fraction of its mean diagonal")
+    batch_size: int = option(8, "gptq: calibration batch size")
 
     def validate(self) -> None:
-        """Check min_size and the exclusion patterns."""
+        """Check min_size, damp, batch_size and the exclusion patterns."""
+        where = f"pass '{PASS_NAME}'"
         if self.min_size < 1:
-            raise OptionError(f"option 'min_size' of pass '{PASS_NAME}' must be positive, not {self.min_size}")
+            raise OptionError(f"option 'min_size' of {where} must be positive, not {self.min_size}")
+        if not self.damp > 0:
+            raise OptionError(f"option 'damp' of {where} must be positive, not {self.damp}")
+        if self.batch_size < 1:
+            raise OptionError(f"option 'batch_size' of {where} must be positive, not {self.batch_size}")
         check_patterns(PASS_NAME, "exclude", self.exclude)
 
 
@@ -108,11 +123,16 @@ def _excluded(patterns: tuple[str, ...], node: NodeProto, weight: str) -> bool:
     return any(matches_pattern(name, patterns) for name in (node.name, node.op_type, weight) if name)
 
 
-def quantize_weight(weight: np.ndarray, per_channel: bool, reduce_range: bool) -> Quantized:
-    """Symmetric int8 of a [K, N] weight, one scale per column N (or per tensor): qdq's weight rounding."""
+def quantize_weight(
+    weight: np.ndarray, per_channel: bool, reduce_range: bool, hessian: np.ndarray | None = None, damp: float = 0.01
+) -> Quantized:
+    """Symmetric int8 of a [K, N] weight, one scale per column N (or per tensor): qdq's weight rounding, or GPTQ's
+    integers for the same scales when the input Hessian [K, K] is given."""
     qmax = REDUCED_MAX if reduce_range else INT8_MAX
     params = weight_params(weight, 1 if per_channel else None, qmax)
-    return Quantized(quantize_weight_values(weight, params, qmax), params.scale)
+    if hessian is None:
+        return Quantized(quantize_weight_values(weight, params, qmax), params.scale)
+    return Quantized(gptq_columns(weight, hessian, params.scale, damp, qmax, what=f"{PASS_NAME}: gptq"), params.scale)
 
 
 def _bias_after(view: GraphView, node: NodeProto, n: int) -> tuple[NodeProto, np.ndarray] | None:
@@ -219,8 +239,8 @@ def find(view: GraphView, ctx: PassContext, options: DynamicOptions) -> Found:
 class _Emitter:
     """Writes the rewrite of one graph: shared int8 weights, one DynamicQuantizeLinear per activation (portable)."""
 
-    def __init__(self, view: GraphView, ctx: PassContext, options: DynamicOptions) -> None:
-        self.view, self.ctx, self.options = view, ctx, options
+    def __init__(self, view: GraphView, ctx: PassContext, options: DynamicOptions, hessians: dict[str, np.ndarray]) -> None:
+        self.view, self.ctx, self.options, self.hessians = view, ctx, options, hessians
         self.initializers: list[TensorProto] = []
         self.weights: dict[str, Quantized] = {}
         self.quantized_inputs: dict[str, tuple[str, str, str]] = {}
@@ -230,7 +250,10 @@ class _Emitter:
         """The int8 weight [K, N] of ``name`` (quantized once, however many layers read it)."""
         if name not in self.weights:
             array = numpy_helper.to_array(constant_tensor(self.view, name)).astype(np.float32)  # type: ignore[arg-type]
-            quant = quantize_weight(array.T if trans else array, self.options.per_channel, self.options.reduce_range)
+            options = self.options
+            quant = quantize_weight(
+                array.T if trans else array, options.per_channel, options.reduce_range, self.hessians.get(name), options.damp
+            )
             fresh = self.ctx.names.fresh
             quant.names = (fresh(f"{name}_int8"), fresh(f"{name}_scale"))
             self.initializers += [
@@ -343,14 +366,15 @@ def _drop_weights(scope: GraphScope, view: GraphView, names: set[str], replaced:
 
 @register_pass
 class DynamicInt8(Pass):
-    """Dynamic INT8 MatMul/Gemm (and QAttention) for CPUs: int8 weights, inputs quantized per call; no calibration.
+    """Dynamic INT8 MatMul/Gemm (and QAttention) for CPUs: int8 weights, inputs quantized per call; calibration only for GPTQ.
 
     Pre: ai.onnx opset >= 11, target ``ort-cpu``
     (DynamicQuantizeMatMul, QAttention) or ``portable`` (DynamicQuantizeLinear + MatMulInteger).
     Matched: every reader of a constant 2-D float32 weight with at least ``min_size`` values is a
     standard MatMul or Gemm (transA=0, alpha=1) reading it as B; a weight shared with another op,
     a graph-output weight or an excluded node stays float (counted in the notes by reason).
-    Subgraphs are rewritten like the main graph. Post: the float weights are gone; outputs differ
+    Subgraphs are rewritten like the main graph. ``rounding=gptq`` (needs calibration data) rounds
+    main-graph MatMul/Gemm weights by GPTQ (QAttention weights and subgraphs: nearest). Post: the float weights are gone; outputs differ
     by the INT8 error (judge with precision ``int8``); deterministic.
     """
 
@@ -360,6 +384,11 @@ class DynamicInt8(Pass):
     Options = DynamicOptions
     requires = frozenset({Requirement.SHAPES})
     preserves_types = False
+
+    def required(self) -> frozenset[Requirement]:
+        """Shapes; calibration data too with ``rounding=gptq``."""
+        gptq = self.options.rounding == "gptq"  # type: ignore[attr-defined]
+        return self.requires | {Requirement.CALIBRATION} if gptq else self.requires
 
     def run(self, model: ModelProto, ctx: PassContext) -> PassResult:
         """Check the target and opset, then rewrite every graph, innermost first."""
@@ -377,13 +406,14 @@ class DynamicInt8(Pass):
             )
         kept: Counter = Counter()
         changed = False
+        hessians = _weight_hessians(model, ctx, options, result) if options.rounding == "gptq" else {}
         for scope in reversed(ctx.scopes()):
             view = ctx.view(scope.graph)
             found = find(view, ctx, options)
             kept.update(found.kept)
             if not found.layers and not found.attention:
                 continue
-            emit = _Emitter(view, ctx, options)
+            emit = _Emitter(view, ctx, options, hessians if scope.graph is model.graph else {})
             position = {id(node): index for index, node in enumerate(view.nodes)}
             work = [(position[id(x.node)], 0, x) for x in found.layers] + [(position[id(x)], 1, x) for x in found.attention]
             for _, kind, item in sorted(work, key=lambda w: w[0]):  # graph order: a shared DynamicQuantizeLinear goes first
@@ -393,6 +423,9 @@ class DynamicInt8(Pass):
             replace_nodes(scope.graph, view.nodes, emit.replaced)
             result.count("layers_int8", len(found.layers))
             result.count("weights_int8", len(emit.weights) - len(found.attention))
+            gptq = sum(name in emit.hessians for name in emit.weights)
+            if gptq:
+                result.count("weights_int8_gptq", gptq)
             if found.attention:
                 result.count("qattention", len(found.attention))
             changed = True
@@ -409,6 +442,30 @@ class DynamicInt8(Pass):
             listed = "; ".join(f"{reason} ({count})" for reason, count in sorted(kept.items()))
             result.notes.append(f"{PASS_NAME}: {sum(kept.values())} layer(s) kept in float: {listed}")
         return result
+
+
+def _weight_hessians(model: ModelProto, ctx: PassContext, options: DynamicOptions, result: PassResult) -> dict[str, np.ndarray]:
+    """gptq: the input Hessian [K, K] of every main-graph weight (the mean over its layers), from one calibration sweep."""
+    if ctx.calibration is None:
+        raise OnnxoptError(f"{PASS_NAME}: rounding=gptq needs calibration data (give --calib PATH)")
+    view = ctx.view(model.graph)
+    layers = find(view, ctx, options).layers
+    if not layers:
+        return {}
+    shapes = {layer.weight: tuple(constant_tensor(view, layer.weight).dims) for layer in layers}  # type: ignore[union-attr]
+    per_layer = layer_hessians(
+        model, [(layer.node, shapes[layer.weight]) for layer in layers], ctx.calibration, batch_size=options.batch_size
+    )
+    by_weight: dict[str, list[np.ndarray]] = {}
+    for layer in layers:
+        hessian = per_layer.get(layer_key(layer.node))
+        if hessian is not None:
+            by_weight.setdefault(layer.weight, []).append(hessian[0])
+    nested = sum(1 for scope in ctx.scopes()[1:] for node in scope.graph.node if node.op_type in ("MatMul", "Gemm"))
+    if nested:
+        result.notes.append(f"{PASS_NAME}: rounding=gptq: layers inside subgraphs are rounded to nearest")
+    result.notes.append(f"{PASS_NAME}: gptq rounding of {len(by_weight)} weight(s)")
+    return {weight: np.mean(parts, axis=0) for weight, parts in by_weight.items()}
 
 
 # ----------------------------------------------------------------------------- shape stand-ins

@@ -64,26 +64,29 @@ def gptq_int8(node: NodeProto, weight: np.ndarray, scale: np.ndarray, axis: int 
             rows = slice(g * per_group, (g + 1) * per_group)
             kn = w[rows].reshape(per_group, -1).T
             column_scale = scales[rows] if scales is not None else np.full(per_group, float(scale))
-            out[rows] = _round(kn, hessian[g], column_scale, damp).T.reshape(w[rows].shape)
+            out[rows] = gptq_columns(kn, hessian[g], column_scale, damp).T.reshape(w[rows].shape)
         return out
     trans_b = node.op_type == "Gemm" and _attr(node, "transB", 0)
     kn = w.T if trans_b else w
     column_scale = np.asarray(scale, np.float64).reshape(-1) if axis is not None else np.full(kn.shape[1], float(scale))
-    q = _round(kn, hessian[0], column_scale, damp)
+    q = gptq_columns(kn, hessian[0], column_scale, damp)
     return q.T if trans_b else q
 
 
-def _round(kn: np.ndarray, hessian: np.ndarray, column_scale: np.ndarray, damp: float) -> np.ndarray:
-    """GPTQ integers of a [K, N] weight with fixed per-column scales, saturated to [-127, 127]."""
+def gptq_columns(
+    kn: np.ndarray, hessian: np.ndarray, column_scale: np.ndarray, damp: float, qmax: int = INT8_MAX, what: str = "qdq: gptq"
+) -> np.ndarray:
+    """GPTQ int8 integers of a [K, N] weight with fixed per-column scales [N] (or one), saturated to [-qmax, qmax]."""
+    column_scale = np.broadcast_to(np.asarray(column_scale, np.float64).reshape(-1), (kn.shape[1],))
 
     def make_rounder(_start: int, _stop: int, _rows: np.ndarray):
         def rounder(_: int, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            q = np.clip(np.rint(row / column_scale), -INT8_MAX, INT8_MAX)
+            q = np.clip(np.rint(row / column_scale), -qmax, qmax)
             return q, q * column_scale
 
         return rounder
 
-    return gptq_round(kn, hessian, make_rounder, damp=damp, int_dtype=np.int8, what="qdq: gptq")
+    return gptq_round(kn, hessian, make_rounder, damp=damp, int_dtype=np.int8, what=what)
 
 
 @dataclass

@@ -498,8 +498,9 @@ class WeightOnlyQuantize(Pass):
     vector) or an Add after it (beta=1); kernels: float on CPU, float/float16 on GPU.
 
     ``rounding=gptq`` uses ``ctx.calibration`` (``batches(batch_size)`` yielding input dicts) to
-    collect ``X^T X`` of each main-graph weight's inputs and applies GPTQ's closed-form update;
-    without calibration data (or for weights in subgraphs) it rounds to nearest and says so.
+    collect ``X^T X`` of each main-graph weight's inputs and applies GPTQ's closed-form update
+    (without calibration data the run stops before any pass; weights in subgraphs are rounded to
+    nearest, with a note).
 
     Post: the float weight is gone; outputs differ by the quantization error only (judge with
     precision ``int8``). The same model and options give the same bytes.
@@ -511,6 +512,11 @@ class WeightOnlyQuantize(Pass):
     Options = WoqOptions
     requires = frozenset({Requirement.SHAPES})
     preserves_types = False
+
+    def required(self) -> frozenset[Requirement]:
+        """Shapes; calibration data too with ``rounding=gptq``."""
+        gptq = self.options.rounding == "gptq"  # type: ignore[attr-defined]
+        return self.requires | {Requirement.CALIBRATION} if gptq else self.requires
 
     def run(self, model: ModelProto, ctx: PassContext) -> PassResult:
         """Find the weights of every graph, collect GPTQ statistics when asked, then rewrite graph by graph."""
@@ -569,9 +575,6 @@ class WeightOnlyQuantize(Pass):
         result: PassResult,
     ) -> None:
         """Give every main-graph candidate the mean Hessian of its readers' inputs; note the fallbacks."""
-        if ctx.calibration is None:
-            result.warnings.append(f"{PASS_NAME}: rounding=gptq without calibration data: rounded to nearest (give --calib)")
-            return
         main_candidates = [c for scope, _, cands in found if scope.graph is main.graph for c in cands]
         nested = sum(len(c) for scope, _, c in found if scope.graph is not main.graph)
         if nested:

@@ -289,3 +289,89 @@ def test_combines_with_qdq_for_conv_and_matmul_models():
     producers = {o: n.op_type for n in result.model.graph.node for o in n.output}
     assert producers[conv.input[0]] == "DequantizeLinear" and producers[conv.input[1]] == "DequantizeLinear"
     assert closeness(model, result.model, {"x": rand(2, 3, 8, 8)})["y"] > 0.99
+
+
+def correlated(rows: int, seed: int) -> np.ndarray:
+    """Inputs [rows, K] with strongly correlated features (where GPTQ beats nearest rounding)."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((rows, 8)) @ np.random.default_rng(2).standard_normal((8, K))
+    return (base + 0.1 * rng.standard_normal((rows, K))).astype(np.float32)
+
+
+def projection_model() -> ModelProto:
+    """x [B, 5, K] -> MatMul W + b, and a Gemm (transB=1) on x[:, 0]: two layers GPTQ can round."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"], name="proj"),
+        helper.make_node("Add", ["h", "b"], ["y"], name="proj_bias"),
+        helper.make_node("ReduceMean", ["x"], ["pooled"], axes=[1], keepdims=0),
+        helper.make_node("Gemm", ["pooled", "Wt"], ["z"], name="head", transB=1),
+    ]
+    inits = [init("W", rand(K, N)), init("b", rand(N)), init("Wt", rand(N, K))]
+    outputs = [tensor_input("y", ["batch", 5, N]), tensor_input("z", ["batch", N])]
+    return make_model(nodes, [tensor_input("x", ["batch", 5, K])], outputs, inits, opset=17)
+
+
+def gptq_calibration(model: ModelProto):
+    """Calibration arrays of correlated rows for :func:`projection_model`."""
+    from onnxopt.calibration import CalibrationData
+
+    return CalibrationData.from_arrays({"x": correlated(32 * 5, 10).reshape(32, 5, K)}, model=model)
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "portable"])
+def test_gptq_rounding_beats_nearest_in_onnxruntime(target):
+    model = projection_model()
+    nearest = optimize(model, "int8_dynamic", target=target).model
+    result = onnxopt.optimize(model, "int8_dynamic:rounding=gptq", target=target, calibration=gptq_calibration(model), isolate=False)
+    assert result.report.passes[-1].counts["weights_int8_gptq"] == 2
+    held_out = {"x": correlated(8 * 5, 99).reshape(8, 5, K)}
+    reference = run_model(model, held_out)
+    for name in ("y", "z"):
+        err_nearest = np.linalg.norm(run_model(nearest, held_out)[name] - reference[name])
+        err_gptq = np.linalg.norm(run_model(result.model, held_out)[name] - reference[name])
+        assert err_gptq < 0.9 * err_nearest, (name, err_gptq, err_nearest)  # the rest is the inputs' per-call rounding
+    # only the integers change: the scales are nearest rounding's per-column maxima
+    scales = {t.name: numpy_helper.to_array(t) for t in nearest.graph.initializer if t.name.endswith("_scale")}
+    mine = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer if t.name in scales}
+    assert scales.keys() == mine.keys() and all(np.array_equal(scales[k], mine[k]) for k in scales)
+
+
+def test_gptq_rounding_without_calibration_is_a_requirement_error():
+    with pytest.raises(
+        onnxopt.OnnxoptError, match="pass 'int8_dynamic' needs calibration data with the options given; give it with --calib"
+    ):
+        optimize(projection_model(), "int8_dynamic:rounding=gptq")
+
+
+def test_gptq_rounding_is_deterministic_and_leaves_subgraphs_to_nearest():
+    model = projection_model()
+    branch = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "Wb"], ["yb"], name="in_branch")],
+        "then",
+        [],
+        [tensor_input("yb", ["batch", 5, N])],
+        [init("Wb", rand(K, N))],
+    )
+    other = helper.make_graph([helper.make_node("Identity", ["y"], ["ye"])], "else", [], [tensor_input("ye", ["batch", 5, N])])
+    model.graph.node.append(helper.make_node("If", ["flag"], ["branch_out"], then_branch=branch, else_branch=other))
+    model.graph.node.insert(0, helper.make_node("ReduceMax", ["x"], ["peak"], keepdims=0))
+    model.graph.node.insert(1, helper.make_node("Greater", ["peak", "floor"], ["flag"]))
+    model.graph.initializer.append(init("floor", np.array(-1e9, np.float32)))
+    model.graph.output.append(tensor_input("branch_out", ["batch", 5, N]))
+    runs = [
+        onnxopt.optimize(model, "int8_dynamic:rounding=gptq", target="ort-cpu", calibration=gptq_calibration(model), isolate=False)
+        for _ in range(2)
+    ]
+    assert runs[0].model.SerializeToString() == runs[1].model.SerializeToString()
+    counts = runs[0].report.passes[-1].counts
+    assert counts["weights_int8"] == 3 and counts["weights_int8_gptq"] == 2
+    assert any("layers inside subgraphs are rounded to nearest" in n for n in runs[0].report.notes)
+    feeds = {"x": correlated(2 * 5, 7).reshape(2, 5, K)}
+    assert min(closeness(model, runs[0].model, feeds).values()) > 0.999
+
+
+def test_gptq_options_are_checked():
+    with pytest.raises(OptionError, match="damp"):
+        optimize(projection_model(), "int8_dynamic:rounding=gptq,damp=0")
+    with pytest.raises(OptionError, match="rounding"):
+        optimize(projection_model(), "int8_dynamic:rounding=adaround")

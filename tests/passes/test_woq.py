@@ -453,11 +453,9 @@ def test_gptq_beats_nearest_in_onnxruntime(target):
     assert cosine(model, result.model, test) >= 0.99
 
 
-def test_gptq_without_calibration_rounds_to_nearest():
-    model = matmul_model(rand(K, N))
-    result = woq(model, "woq:min_size=16,rounding=gptq")
-    assert any("without calibration data" in w for w in result.report.warnings)
-    assert result.model.SerializeToString() == woq(model, "woq:min_size=16").model.SerializeToString()
+def test_gptq_without_calibration_is_a_requirement_error():
+    with pytest.raises(onnxopt.OnnxoptError, match="pass 'woq' needs calibration data with the options given"):
+        woq(matmul_model(rand(K, N)), "woq:min_size=16,rounding=gptq")
 
 
 def test_gptq_bad_calibration_is_one_line_error():
