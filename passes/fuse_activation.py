@@ -231,7 +231,8 @@ def clip_bounds(view: GraphView, clip: NodeProto, opset: int) -> tuple[float, fl
 def int8_clip_form(ctx: PassContext) -> bool:
     """Whether the Clip forms stay: qdq follows on ort-cpu, whose QDQ transformer runs x + 3, the Clip and the
     products in uint8 (QLinearAdd, QLinearMul; the Clip absorbed), while a HardSigmoid runs in float between a DQ
-    and a Q (PP-OCR det INT8: 0.505 of FP32 latency with the Clip form, 0.569 with HardSigmoid)."""
+    and a Q (PP-OCR det INT8: 0.505 of FP32 latency with the Clip form, 0.569 with HardSigmoid). qdq fuses the ones
+    it leaves float (a Q/DQ inside a Clip form stops the match, so only float ones match after it)."""
     return ctx.target == "ort-cpu" and "qdq" in ctx.later
 
 

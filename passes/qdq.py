@@ -286,6 +286,8 @@ class QuantizeQDQ(Pass):
             from onnxopt.passes.qdq_sensitivity import correct_biases
 
             correct_biases(model, final_plan, rewriter, builder, result)
+        if target == "ort-cpu":
+            _fuse_float_activations(model, ctx, result)
         if options.embeddings and target != "trt":
             quantize_gathers(model, EMBEDDING_MIN_SIZE, result)
         if getattr(ctx.calibration, "random", False):
@@ -377,6 +379,20 @@ def _hessians(
     hessians = layer_hessians(float_model, layers, data, batch_size=options.batch_size)
     result.notes.append(f"qdq: gptq rounding of {len(hessians)} weights")
     return hessians
+
+
+def _fuse_float_activations(model: ModelProto, ctx: PassContext, result: PassResult) -> None:
+    """ort-cpu: fuse the Clip-form hard-swish / hard-sigmoid that fuse_activations left for this pass where they stayed
+    float (four float ops cost more than one); a quantized one holds Q/DQ pairs, which stop the match, and onnxruntime
+    runs it in uint8 (see fuse_activation.int8_clip_form)."""
+    from onnxopt.passes.fuse_activation import FuseActivations
+
+    fused = FuseActivations(kinds=("hardswish", "hardsigmoid")).run(model, ctx)
+    done = sum(fused.counts.values())
+    if done:
+        ctx.invalidate()
+        result.count("float_activations_fused", done)
+        result.notes.append(f"qdq: fused {done} Clip-form hard-swish/hard-sigmoid(s) of layers left float")
 
 
 def _upgrade(model: ModelProto, ctx: PassContext, version: int) -> str | None:

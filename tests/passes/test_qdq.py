@@ -783,3 +783,40 @@ def test_shared_embedding_table_stays_float() -> None:
     data = CalibrationData.from_arrays({"ids": np.zeros((8, 5), np.int64)}, model=model)
     out = onnxopt.optimize(model, "qdq:method=minmax", target="ort-cpu", calibration=data, isolate=False).model
     assert inits(out)["table"].dtype == np.float32
+
+
+def hardswish_chain() -> ModelProto:
+    """x -> conv1 -> x * Clip(x + 3, 0, 6) / 6 -> conv2 -> the same -> conv3 -> y (paddle2onnx's hard-swish, opset 13)."""
+    nodes, inits_, source = [], [init("three", np.float32(3)), init("zero", np.float32(0)), init("six", np.float32(6))], "x"
+    for index, cin in ((1, 3), (2, 8)):
+        c = f"c{index}"
+        nodes += [
+            helper.make_node("Conv", [source, f"w{index}", f"b{index}"], [c], name=f"conv{index}", pads=[1, 1, 1, 1]),
+            helper.make_node("Add", [c, "three"], [f"a{index}"]),
+            helper.make_node("Clip", [f"a{index}", "zero", "six"], [f"g{index}"]),
+            helper.make_node("Mul", [c, f"g{index}"], [f"m{index}"]),
+            helper.make_node("Div", [f"m{index}", "six"], [f"h{index}"]),
+        ]
+        inits_ += [init(f"w{index}", rand(8, cin, 3, 3, scale=0.4)), init(f"b{index}", rand(8, scale=0.1))]
+        source = f"h{index}"
+    nodes.append(helper.make_node("Conv", [source, "w3", "b3"], ["y"], name="conv3", pads=[1, 1, 1, 1]))
+    inits_ += [init("w3", rand(4, 8, 3, 3, scale=0.3)), init("b3", rand(4, scale=0.1))]
+    return make_model(nodes, [tensor_input("x", [1, 3, 8, 8])], [tensor_input("y", [1, 4, 8, 8])], inits_, opset=13)
+
+
+def test_ort_cpu_fuses_the_hardswish_of_float_layers_only() -> None:
+    """fuse_activations leaves Clip forms to qdq on ort-cpu; qdq fuses those left float, keeps the dequantized ones."""
+    model = hardswish_chain()
+    spec = "fuse_activations,qdq:method=minmax,keep_outputs=false,exclude=conv1"
+    result = onnxopt.optimize(model, spec, target="ort-cpu", calibration=calib(model), isolate=False)
+    out = result.model
+    assert result.report.passes[-1].counts["float_activations_fused"] == 1
+    assert any("fused 1 Clip-form hard-swish" in n for n in result.report.notes)
+    hsig = [n for n in out.graph.node if n.op_type == "HardSigmoid"]
+    assert len(hsig) == 1 and hsig[0].input[0] == "c1"  # conv1's (float) hard-swish, as x * HardSigmoid(x) below opset 14
+    clip = next(n for n in out.graph.node if n.op_type == "Clip")
+    add = producers(out)[clip.input[0]]
+    assert producers(out)[add.input[0]].op_type == "DequantizeLinear"  # conv2's stays for onnxruntime's uint8 kernels
+    check_fidelity(model, out)
+    again = onnxopt.optimize(out, "fuse_activations", target="ort-cpu", isolate=False)  # its Q/DQ pairs stop a later fusion
+    assert sum(n.op_type == "Clip" for n in again.model.graph.node) == 1
