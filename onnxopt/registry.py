@@ -87,6 +87,7 @@ FUSION_GROUP = [
     "fuse_pad_into_conv",
     "fuse_layernorm",
     "fuse_activations",
+    "fold_conv_input_affine",
     "fuse_softmax",
     "fuse_reduce_mean",
     "fuse_contrib",

@@ -1,0 +1,178 @@
+"""Per-channel Mul/Add/Sub/Div by constants *before* an unpadded Conv, folded into its weights and bias.
+
+``Conv(x * s + t) = Conv_{W * s}(x) + sum(W * t)`` holds exactly when no output position reads
+padding (the padded zeros would otherwise become ``t``), so the rule takes Convs whose pads are
+all zero (1x1 pointwise convolutions, mostly): the scalar "learnable affine" after each
+activation of PP-LCNet-style backbones, or a normalisation ``(x - mean) / std`` before the stem
+when it has no padding. The weight of input channel ``c`` is scaled by ``s[c]``; each output's
+bias grows by its weights times ``t`` summed over the channels and the kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from onnx import NodeProto, numpy_helper
+
+from onnxopt.graph import GraphScope, GraphView, is_standard, node_label
+from onnxopt.passbase import Pass, PassContext, PassResult
+from onnxopt.passes.fuse_conv_rules import affine_step, cast_back, float_constant, int_attr, sole_reader
+from onnxopt.passes.fusion_support import replace_nodes
+from onnxopt.passes.noop_rules import NoMatch, default_opset, get_attr, require
+from onnxopt.registry import register_pass
+
+log = logging.getLogger("onnxopt")
+
+
+@dataclass
+class InputFold:
+    """A Conv reading ``source`` directly, with the weight and bias that absorb the affine ``chain`` (in graph order)."""
+
+    conv: NodeProto
+    source: str
+    weight: np.ndarray
+    bias: np.ndarray
+    chain: list[NodeProto] = field(default_factory=list)
+
+
+def _unpadded(conv: NodeProto) -> None:
+    """NoMatch unless no output position of ``conv`` reads padding."""
+    auto_pad = get_attr(conv, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    require(auto_pad in ("NOTSET", "VALID"), f"auto_pad={auto_pad} pads the input")
+    pads = get_attr(conv, "pads", None)
+    require(not pads or not any(pads), "the Conv pads its input (the padded zeros would read the shift)")
+
+
+def _operand_source(node: NodeProto, view: GraphView) -> str:
+    """The non-constant operand of a binary step (NoMatch when both or neither are constant)."""
+    require(len(node.input) == 2, "not a binary node")
+    variable = [name for name in node.input if name not in view.initializers and not _is_constant(view, name)]
+    require(len(variable) == 1, "the step has no single non-constant operand")
+    return variable[0]
+
+
+def _is_constant(view: GraphView, name: str) -> bool:
+    producer = view.producer.get(name)
+    return producer is not None and producer.op_type == "Constant"
+
+
+def _clip_gated(view: GraphView, name: str) -> bool:
+    """Whether ``name`` is written by ``Mul(x, Clip(...))``: the hard-swish Clip form, whose / 6 comes next."""
+    producer = view.producer.get(name)
+    if producer is None or producer.op_type != "Mul":
+        return False
+    return any(i in view.producer and view.producer[i].op_type == "Clip" for i in producer.input)
+
+
+def match_input_affine(conv: NodeProto, view: GraphView, ctx: PassContext) -> InputFold:
+    """The run of per-input-channel Mul/Add/Sub/Div feeding ``conv`` (each value read only by the next step), folded."""
+    require(default_opset(ctx) >= 7, "Mul/Add before opset 7 have the 'broadcast' attribute")
+    require(is_standard(conv) and conv.op_type == "Conv" and len(conv.input) >= 2 and len(conv.output) == 1, "not a standard Conv")
+    _unpadded(conv)
+    weight = float_constant(view, conv.input[1], "weight")
+    require(weight.ndim >= 3, "the weight has rank < 3")
+    group = int_attr(conv, "group", 1)
+    channels = weight.shape[1] * group
+    require(group >= 1 and weight.shape[0] % group == 0, "the weight does not split into the groups")
+    chain: list[NodeProto] = []
+    steps: list[tuple[str, np.ndarray]] = []
+    current = conv.input[0]
+    while True:
+        producer = view.producer.get(current)
+        try:
+            require(producer is not None, "no producer")
+            require(sole_reader(view, current) is (chain[0] if chain else conv), "the value has other readers")
+            source = _operand_source(producer, view)  # type: ignore[arg-type]
+            op, vector = affine_step(producer, source, view, weight.ndim, channels, weight.dtype)  # type: ignore[arg-type]
+        except NoMatch as exc:
+            require(bool(chain), str(exc))
+            break
+        chain.insert(0, producer)  # type: ignore[arg-type]
+        steps.insert(0, (op, vector))
+        current = source
+    if chain and chain[0].op_type in ("Mul", "Div") and _clip_gated(view, current):
+        # x * Clip(x + 3, 0, 6) / 6: the / 6 belongs to the hard-swish fuse_activations (or qdq, on ort-cpu) fuses
+        current, chain, steps = chain[0].output[0], chain[1:], steps[1:]
+        require(bool(chain), "the only step is the / 6 of a Clip-form hard-swish")
+    scale, shift = np.ones(channels), np.zeros(channels)
+    for op, vector in steps:
+        if op == "Mul":
+            scale, shift = scale * vector, shift * vector
+        elif op == "Div":
+            scale, shift = scale / vector, shift / vector
+        else:
+            shift = shift + vector if op == "Add" else shift - vector
+    new_weight, new_bias = _fold(conv, view, weight, group, scale, shift)
+    return InputFold(conv, current, new_weight, new_bias, chain)
+
+
+def _fold(conv: NodeProto, view: GraphView, weight: np.ndarray, group: int, scale: np.ndarray, shift: np.ndarray):
+    """(weight, bias) of ``conv`` reading ``x * scale + shift`` per input channel, computed in float64."""
+    out_channels, per_group = weight.shape[0], weight.shape[1]
+    w = weight.astype(np.float64)
+    # input channel of weight [m, j]: (m // (M / group)) * (C / group) + j
+    index = (np.arange(out_channels)[:, None] // (out_channels // group)) * per_group + np.arange(per_group)[None, :]
+    expand = (slice(None), slice(None)) + (None,) * (w.ndim - 2)
+    new_weight = w * scale[index][expand]
+    added = (w * shift[index][expand]).reshape(out_channels, -1).sum(axis=1)
+    if len(conv.input) > 2 and conv.input[2]:
+        bias = float_constant(view, conv.input[2], "bias")
+        require(bias.shape == (out_channels,), f"the bias shape {list(bias.shape)} is not [{out_channels}]")
+        require(bias.dtype == weight.dtype, "the bias and weight dtypes differ")
+    else:
+        bias = np.zeros(out_channels, dtype=weight.dtype)
+    return cast_back(new_weight, weight, "weight"), cast_back(bias.astype(np.float64) + added, weight, "bias")
+
+
+@register_pass
+class FoldConvInputAffine(Pass):
+    """Fold per-input-channel Mul/Add/Sub/Div by constants before an unpadded Conv into its weights and bias.
+
+    Pre: none. Matched: a standard Conv (opset >= 7) with constant float weights (and bias),
+    no padding (pads all zero, auto_pad NOTSET or VALID), whose input is written by a run of
+    standard Mul or Add (constant either side), Sub (``x - c``) or Div (``x / c``, c non-zero)
+    by finite constants of the weight's dtype that broadcast per input channel (scalars,
+    [C,1,1], [1,C,1,1], ...), each value of the run read only by the next step and not a graph
+    output. Post: the Conv reads the run's input with new weights (input channels scaled) and
+    a new (or created) bias; the run's nodes are gone; outputs equal up to float rounding.
+    """
+
+    name = "fold_conv_input_affine"
+    preserves_types = True
+
+    def run_graph(self, scope: GraphScope, ctx: PassContext) -> PassResult:
+        """Match the run before every Conv, then fold."""
+        result = PassResult()
+        if ctx.model.ir_version < 4:
+            return result
+        graph = scope.graph
+        view = ctx.view(graph)
+        folds: list[InputFold] = []
+        for node in view.nodes:
+            if node.op_type == "Conv" and node.domain in ("", "ai.onnx"):
+                try:
+                    folds.append(match_input_affine(node, view, ctx))
+                except NoMatch as exc:
+                    log.debug("%s: %s is kept: %s", self.name, node_label(node), exc)
+        if not folds:
+            return result
+        replaced: dict[int, list[NodeProto]] = {}
+        for fold in folds:
+            conv = fold.conv
+            weight_name = ctx.names.fresh(f"{conv.input[1]}_folded")
+            bias_name = ctx.names.fresh(f"{conv.input[2] if len(conv.input) > 2 and conv.input[2] else conv.output[0] + '_bias'}_folded")
+            graph.initializer.append(numpy_helper.from_array(fold.weight, weight_name))
+            graph.initializer.append(numpy_helper.from_array(fold.bias, bias_name))
+            conv.input[0], conv.input[1] = fold.source, weight_name
+            if len(conv.input) > 2:
+                conv.input[2] = bias_name
+            else:
+                conv.input.append(bias_name)
+            for node in fold.chain:
+                replaced[id(node)] = []
+                result.count(f"{node.op_type}_into_Conv")
+        replace_nodes(graph, view.nodes, replaced)
+        return result
