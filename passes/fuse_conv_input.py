@@ -18,7 +18,7 @@ from onnx import NodeProto, numpy_helper
 
 from onnxopt.graph import GraphScope, GraphView, is_standard, node_label
 from onnxopt.passbase import Pass, PassContext, PassResult
-from onnxopt.passes.fuse_conv_rules import affine_step, cast_back, float_constant, int_attr, sole_reader
+from onnxopt.passes.fuse_conv_rules import affine_step, cast_back, compose_affine, float_constant, int_attr, sole_reader
 from onnxopt.passes.fusion_support import replace_nodes
 from onnxopt.passes.noop_rules import NoMatch, default_opset, get_attr, require
 from onnxopt.registry import register_pass
@@ -99,12 +99,7 @@ def match_input_affine(conv: NodeProto, view: GraphView, ctx: PassContext) -> In
         require(bool(chain), "the only step is the / 6 of a Clip-form hard-swish")
     scale, shift = np.ones(channels), np.zeros(channels)
     for op, vector in steps:
-        if op == "Mul":
-            scale, shift = scale * vector, shift * vector
-        elif op == "Div":
-            scale, shift = scale / vector, shift / vector
-        else:
-            shift = shift + vector if op == "Add" else shift - vector
+        scale, shift = compose_affine(scale, shift, op, vector)
     new_weight, new_bias = _fold(conv, view, weight, group, scale, shift)
     return InputFold(conv, current, new_weight, new_bias, chain)
 

@@ -242,6 +242,15 @@ def affine_step(node: NodeProto, source: str, view: GraphView, rank: int, channe
     return node.op_type, vector  # type: ignore[return-value]
 
 
+def compose_affine(scale: np.ndarray, shift: np.ndarray, op: str, vector: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(scale, shift)`` of ``op(x * scale + shift, vector)`` for an :func:`affine_step` op (Mul, Div, Add or Sub)."""
+    if op == "Mul":
+        return scale * vector, shift * vector
+    if op == "Div":
+        return scale / vector, shift / vector
+    return scale, shift + vector if op == "Add" else shift - vector
+
+
 def match_affine_chain(conv: NodeProto, view: GraphView, ctx: PassContext) -> WeightFold:
     """The run of per-channel Mul/Add/Sub/Div after ``conv`` and the folded weight and bias."""
     require(default_opset(ctx) >= 7, "Mul/Add before opset 7 have the 'broadcast' attribute")
@@ -260,12 +269,7 @@ def match_affine_chain(conv: NodeProto, view: GraphView, ctx: PassContext) -> We
         except NoMatch as exc:
             require(bool(chain), str(exc))
             break
-        if op == "Mul":
-            scale, shift = scale * vector, shift * vector
-        elif op == "Div":
-            scale, shift = scale / vector, shift / vector
-        else:
-            shift = shift + vector if op == "Add" else shift - vector
+        scale, shift = compose_affine(scale, shift, op, vector)
         chain.append(reader)
         kinds.append(op)
         current = reader.output[0]
