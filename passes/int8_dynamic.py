@@ -50,6 +50,7 @@ TARGETS = ("ort-cpu", "portable")
 MIN_OPSET = 11  # DynamicQuantizeLinear
 EMBEDDING_MIN_SIZE = 65536
 REDUCED_MAX = 63  # reduce_range: 7-bit weights
+HESSIAN_BYTES = 1 << 30  # gptq: float64 Hessians held at once (one calibration sweep per group of weights)
 # QAttention takes these attributes of Attention; any other (qkv_hidden_sizes, rotary_embedding_dim) keeps it float
 QATTENTION_ATTRS = frozenset({"num_heads", "unidirectional", "scale", "mask_filter_value", "do_rotary", "past_present_share_buffer"})
 
@@ -239,8 +240,8 @@ def find(view: GraphView, ctx: PassContext, options: DynamicOptions) -> Found:
 class _Emitter:
     """Writes the rewrite of one graph: shared int8 weights, one DynamicQuantizeLinear per activation (portable)."""
 
-    def __init__(self, view: GraphView, ctx: PassContext, options: DynamicOptions, hessians: dict[str, np.ndarray]) -> None:
-        self.view, self.ctx, self.options, self.hessians = view, ctx, options, hessians
+    def __init__(self, view: GraphView, ctx: PassContext, options: DynamicOptions, rounded: dict[str, Quantized]) -> None:
+        self.view, self.ctx, self.options, self.rounded = view, ctx, options, rounded  # rounded: gptq's weights
         self.initializers: list[TensorProto] = []
         self.weights: dict[str, Quantized] = {}
         self.quantized_inputs: dict[str, tuple[str, str, str]] = {}
@@ -249,10 +250,8 @@ class _Emitter:
     def weight(self, name: str, trans: bool) -> Quantized:
         """The int8 weight [K, N] of ``name`` (quantized once, however many layers read it)."""
         if name not in self.weights:
-            array = numpy_helper.to_array(constant_tensor(self.view, name)).astype(np.float32)  # type: ignore[arg-type]
-            options = self.options
-            quant = quantize_weight(
-                array.T if trans else array, options.per_channel, options.reduce_range, self.hessians.get(name), options.damp
+            quant = self.rounded.get(name) or quantize_weight(
+                _weight_matrix(self.view, name, trans), self.options.per_channel, self.options.reduce_range
             )
             fresh = self.ctx.names.fresh
             quant.names = (fresh(f"{name}_int8"), fresh(f"{name}_scale"))
@@ -406,14 +405,14 @@ class DynamicInt8(Pass):
             )
         kept: Counter = Counter()
         changed = False
-        hessians = _weight_hessians(model, ctx, options, result) if options.rounding == "gptq" else {}
+        rounded = _gptq_weights(model, ctx, options, result) if options.rounding == "gptq" else {}
         for scope in reversed(ctx.scopes()):
             view = ctx.view(scope.graph)
             found = find(view, ctx, options)
             kept.update(found.kept)
             if not found.layers and not found.attention:
                 continue
-            emit = _Emitter(view, ctx, options, hessians if scope.graph is model.graph else {})
+            emit = _Emitter(view, ctx, options, rounded if scope.graph is model.graph else {})
             position = {id(node): index for index, node in enumerate(view.nodes)}
             work = [(position[id(x.node)], 0, x) for x in found.layers] + [(position[id(x)], 1, x) for x in found.attention]
             for _, kind, item in sorted(work, key=lambda w: w[0]):  # graph order: a shared DynamicQuantizeLinear goes first
@@ -423,7 +422,7 @@ class DynamicInt8(Pass):
             replace_nodes(scope.graph, view.nodes, emit.replaced)
             result.count("layers_int8", len(found.layers))
             result.count("weights_int8", len(emit.weights) - len(found.attention))
-            gptq = sum(name in emit.hessians for name in emit.weights)
+            gptq = sum(name in emit.rounded for name in emit.weights)
             if gptq:
                 result.count("weights_int8_gptq", gptq)
             if found.attention:
@@ -444,28 +443,49 @@ class DynamicInt8(Pass):
         return result
 
 
-def _weight_hessians(model: ModelProto, ctx: PassContext, options: DynamicOptions, result: PassResult) -> dict[str, np.ndarray]:
-    """gptq: the input Hessian [K, K] of every main-graph weight (the mean over its layers), from one calibration sweep."""
+def _gptq_weights(model: ModelProto, ctx: PassContext, options: DynamicOptions, result: PassResult) -> dict[str, Quantized]:
+    """gptq: the int8 weights of the main graph, rounded with each weight's input Hessian (the mean over its layers).
+
+    Weights go in groups whose float64 Hessians [K, K] fit in ``HESSIAN_BYTES`` (one calibration sweep per group;
+    a weight larger than that alone), so a large model never holds every Hessian at once.
+    """
     if ctx.calibration is None:
         raise OnnxoptError(f"{PASS_NAME}: rounding=gptq needs calibration data (give --calib PATH)")
     view = ctx.view(model.graph)
     layers = find(view, ctx, options).layers
-    if not layers:
-        return {}
-    shapes = {layer.weight: tuple(constant_tensor(view, layer.weight).dims) for layer in layers}  # type: ignore[union-attr]
-    per_layer = layer_hessians(
-        model, [(layer.node, shapes[layer.weight]) for layer in layers], ctx.calibration, batch_size=options.batch_size
-    )
-    by_weight: dict[str, list[np.ndarray]] = {}
+    by_weight: dict[str, list[Layer]] = {}
     for layer in layers:
-        hessian = per_layer.get(layer_key(layer.node))
-        if hessian is not None:
-            by_weight.setdefault(layer.weight, []).append(hessian[0])
+        by_weight.setdefault(layer.weight, []).append(layer)
+    groups: list[list[str]] = []
+    used = HESSIAN_BYTES
+    for weight, readers in by_weight.items():
+        k = _weight_matrix(view, weight, readers[0].trans).shape[0]
+        if used + 8 * k * k > HESSIAN_BYTES:
+            groups.append([])
+            used = 0
+        groups[-1].append(weight)
+        used += 8 * k * k
+    out: dict[str, Quantized] = {}
+    for group in groups:
+        request = [(layer.node, tuple(constant_tensor(view, w).dims)) for w in group for layer in by_weight[w]]  # type: ignore[union-attr]
+        per_layer = layer_hessians(model, request, ctx.calibration, batch_size=options.batch_size)
+        for weight in group:
+            parts = [per_layer[layer_key(layer.node)][0] for layer in by_weight[weight] if layer_key(layer.node) in per_layer]
+            if parts:
+                matrix = _weight_matrix(view, weight, by_weight[weight][0].trans)
+                out[weight] = quantize_weight(matrix, options.per_channel, options.reduce_range, np.mean(parts, axis=0), options.damp)
     nested = sum(1 for scope in ctx.scopes()[1:] for node in scope.graph.node if node.op_type in ("MatMul", "Gemm"))
     if nested:
         result.notes.append(f"{PASS_NAME}: rounding=gptq: layers inside subgraphs are rounded to nearest")
-    result.notes.append(f"{PASS_NAME}: gptq rounding of {len(by_weight)} weight(s)")
-    return {weight: np.mean(parts, axis=0) for weight, parts in by_weight.items()}
+    sweeps = f" ({len(groups)} calibration sweeps)" if len(groups) > 1 else ""
+    result.notes.append(f"{PASS_NAME}: gptq rounding of {len(out)} weight(s){sweeps}")
+    return out
+
+
+def _weight_matrix(view: GraphView, name: str, trans: bool) -> np.ndarray:
+    """The float32 [K, N] weight ``name`` (transposed back when a Gemm reads it as B^T)."""
+    array = numpy_helper.to_array(constant_tensor(view, name)).astype(np.float32)  # type: ignore[arg-type]
+    return array.T if trans else array
 
 
 # ----------------------------------------------------------------------------- shape stand-ins
