@@ -373,8 +373,9 @@ class DynamicInt8(Pass):
     standard MatMul or Gemm (transA=0, alpha=1) reading it as B; a weight shared with another op,
     a graph-output weight or an excluded node stays float (counted in the notes by reason).
     Subgraphs are rewritten like the main graph. ``rounding=gptq`` (needs calibration data) rounds
-    main-graph MatMul/Gemm weights by GPTQ (QAttention weights and subgraphs: nearest). Post: the float weights are gone; outputs differ
-    by the INT8 error (judge with precision ``int8``); deterministic.
+    main-graph MatMul/Gemm weights by GPTQ (QAttention weights and subgraphs: nearest). Post: the
+    float weights are gone; outputs differ by the INT8 error (judge with precision ``int8``);
+    deterministic.
     """
 
     name = PASS_NAME
@@ -456,6 +457,8 @@ def _gptq_weights(model: ModelProto, ctx: PassContext, options: DynamicOptions, 
     by_weight: dict[str, list[Layer]] = {}
     for layer in layers:
         by_weight.setdefault(layer.weight, []).append(layer)
+    if not by_weight:
+        return {}
     groups: list[list[str]] = []
     used = HESSIAN_BYTES
     for weight, readers in by_weight.items():
