@@ -67,3 +67,21 @@ def gptq_round(
         if stop < k:
             w[stop:] -= upper[start:stop, stop:].T @ errors
     return q
+
+
+HESSIAN_BYTES = 1 << 30  # float64 Hessians held at once by a calibrated rounding (one calibration sweep per group)
+
+
+def hessian_groups(costs: dict[str, int], budget: int | None = None) -> list[list[str]]:
+    """The keys of ``costs`` in order, in groups whose Hessians (``costs[key]`` bytes each, ``8 * K * K`` for one
+    float64 [K, K]) fit in ``budget`` bytes (default :data:`HESSIAN_BYTES`); a larger one goes alone."""
+    limit = HESSIAN_BYTES if budget is None else budget
+    groups: list[list[str]] = []
+    used = limit
+    for key, cost in costs.items():
+        if not groups or used + cost > limit:
+            groups.append([])
+            used = 0
+        groups[-1].append(key)
+        used += cost
+    return groups

@@ -35,6 +35,7 @@ from onnxopt.graph import GraphScope, GraphView, is_standard, opset_version
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_patterns, matches_pattern, option
 from onnxopt.passes.contrib_ops import MS_DOMAIN, MS_VERSION
 from onnxopt.passes.fusion_support import elem, gemm_bias_vector, import_domain, replace_nodes, unique
+from onnxopt.passes.gptq import hessian_groups
 from onnxopt.passes.noop_rules import NoMatch, constant_tensor, get_attr, require
 from onnxopt.passes.qdq import INT8_MAX, weight_params
 from onnxopt.passes.qdq import quantize_weight as quantize_weight_values
@@ -50,7 +51,6 @@ TARGETS = ("ort-cpu", "portable")
 MIN_OPSET = 11  # DynamicQuantizeLinear
 EMBEDDING_MIN_SIZE = 65536
 REDUCED_MAX = 63  # reduce_range: 7-bit weights
-HESSIAN_BYTES = 1 << 30  # gptq: float64 Hessians held at once (one calibration sweep per group of weights)
 # QAttention takes these attributes of Attention; any other (qkv_hidden_sizes, rotary_embedding_dim) keeps it float
 QATTENTION_ATTRS = frozenset({"num_heads", "unidirectional", "scale", "mask_filter_value", "do_rotary", "past_present_share_buffer"})
 
@@ -447,8 +447,8 @@ class DynamicInt8(Pass):
 def _gptq_weights(model: ModelProto, ctx: PassContext, options: DynamicOptions, result: PassResult) -> dict[str, Quantized]:
     """gptq: the int8 weights of the main graph, rounded with each weight's input Hessian (the mean over its layers).
 
-    Weights go in groups whose float64 Hessians [K, K] fit in ``HESSIAN_BYTES`` (one calibration sweep per group;
-    a weight larger than that alone), so a large model never holds every Hessian at once.
+    Weights go in :func:`onnxopt.passes.gptq.hessian_groups` (one calibration sweep per group of at most 1 GiB of
+    float64 Hessians), so a large model never holds every Hessian at once.
     """
     if ctx.calibration is None:
         raise OnnxoptError(f"{PASS_NAME}: rounding=gptq needs calibration data (give --calib PATH)")
@@ -459,15 +459,8 @@ def _gptq_weights(model: ModelProto, ctx: PassContext, options: DynamicOptions, 
         by_weight.setdefault(layer.weight, []).append(layer)
     if not by_weight:
         return {}
-    groups: list[list[str]] = []
-    used = HESSIAN_BYTES
-    for weight, readers in by_weight.items():
-        k = _weight_matrix(view, weight, readers[0].trans).shape[0]
-        if used + 8 * k * k > HESSIAN_BYTES:
-            groups.append([])
-            used = 0
-        groups[-1].append(weight)
-        used += 8 * k * k
+    rows = {w: _weight_matrix(view, w, readers[0].trans).shape[0] for w, readers in by_weight.items()}
+    groups = hessian_groups({w: 8 * k * k * len(by_weight[w]) for w, k in rows.items()})  # one Hessian per layer
     out: dict[str, Quantized] = {}
     for group in groups:
         request = [(layer.node, tuple(constant_tensor(view, w).dims)) for w in group for layer in by_weight[w]]  # type: ignore[union-attr]

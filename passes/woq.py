@@ -31,7 +31,7 @@ from onnxopt.graph import GraphScope, GraphView, is_standard, node_label, opset_
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_patterns, option
 from onnxopt.passes.contrib_ops import MS_DOMAIN, MS_VERSION, has_kernel, ort_target
 from onnxopt.passes.fusion_support import elem, gemm_bias_vector, import_domain, replace_nodes, unique
-from onnxopt.passes.gptq import gptq_round
+from onnxopt.passes.gptq import gptq_round, hessian_groups
 from onnxopt.passes.noop_rules import NoMatch, constant_tensor, get_attr, require
 from onnxopt.registry import register_pass
 from onnxopt.shapes import StaticType, register_standin
@@ -250,7 +250,7 @@ class Candidate:
     readers: list[Reader]
     trans: bool
     constant_node: NodeProto | None = None
-    hessian: np.ndarray | None = None
+    rounded: BlockQuant | None = None  # rounding=gptq: the GPTQ values (computed before the rewrite)
 
     def canonical(self) -> np.ndarray:
         """The weight as [K, N] (input features first)."""
@@ -384,10 +384,9 @@ def collect_hessians(model: ModelProto, names: list[str], calibration: Any, ctx:
 
 
 def _quantize(candidate: Candidate, options: WoqOptions) -> BlockQuant:
-    weight = candidate.canonical()
-    if candidate.hessian is not None:
-        return gptq_quantize(weight, candidate.hessian, options.bits, options.block_size, options.symmetric, options.damp)
-    return quantize_blocks(weight, options.bits, options.block_size, options.symmetric)
+    if candidate.rounded is not None:
+        return candidate.rounded
+    return quantize_blocks(candidate.canonical(), options.bits, options.block_size, options.symmetric)
 
 
 @dataclass
@@ -540,7 +539,7 @@ class WeightOnlyQuantize(Pass):
             )
             return result
         if total and options.rounding == "gptq":
-            self._attach_hessians(model, found, scopes[0], ctx, result)
+            self._round_with_gptq(model, found, scopes[0], ctx, result)
         for scope, view, candidates in found:
             replaced: dict[int, list[NodeProto]] = {}
             for candidate in candidates:
@@ -551,7 +550,7 @@ class WeightOnlyQuantize(Pass):
                 scope.graph.initializer.extend(emitted.initializers)
                 replaced.update(emitted.replaced)
                 _remove_weight(scope.graph, candidate, replaced)
-                result.count(f"weights_int{options.bits}" + ("_gptq" if candidate.hessian is not None else ""))
+                result.count(f"weights_int{options.bits}" + ("_gptq" if candidate.rounded is not None else ""))
                 result.count("matmulnbits" if ort_target(ctx) else "dequantize_linear", len(candidate.readers) if ort_target(ctx) else 1)
             replace_nodes(scope.graph, view.nodes, replaced)
         if total:
@@ -566,7 +565,7 @@ class WeightOnlyQuantize(Pass):
             result.notes.append(f"{PASS_NAME}: {sum(reasons.values())} MatMul/Gemm weight(s) kept in float: {listed}")
         return result
 
-    def _attach_hessians(
+    def _round_with_gptq(
         self,
         model: ModelProto,
         found: list[tuple[GraphScope, GraphView, list[Candidate]]],
@@ -574,18 +573,29 @@ class WeightOnlyQuantize(Pass):
         ctx: PassContext,
         result: PassResult,
     ) -> None:
-        """Give every main-graph candidate the mean Hessian of its readers' inputs; note the fallbacks."""
+        """Round every main-graph candidate by GPTQ with the mean Hessian of its readers' inputs; note the fallbacks.
+
+        Inputs go in :func:`onnxopt.passes.gptq.hessian_groups` (one calibration sweep per group), and each
+        candidate is rounded as soon as its group is collected, so a large model never holds every Hessian.
+        """
+        options: WoqOptions = self.options  # type: ignore[assignment]
         main_candidates = [c for scope, _, cands in found if scope.graph is main.graph for c in cands]
         nested = sum(len(c) for scope, _, c in found if scope.graph is not main.graph)
         if nested:
             result.notes.append(f"{PASS_NAME}: rounding=gptq: {nested} weight(s) inside subgraphs rounded to nearest")
-        names = sorted({r.node.input[0] for c in main_candidates for r in c.readers})
-        hessians = collect_hessians(model, names, ctx.calibration, ctx)
-        for candidate in main_candidates:
-            parts = [hessians.get(r.node.input[0]) for r in candidate.readers]
-            if any(p is None for p in parts):
-                continue
-            candidate.hessian = np.sum(parts, axis=0) / len(parts)
+        inputs = [sorted({r.node.input[0] for r in c.readers}) for c in main_candidates]
+        costs = {str(i): 8 * c.canonical().shape[0] ** 2 * len(names) for i, (c, names) in enumerate(zip(main_candidates, inputs))}
+        for group in hessian_groups(costs):
+            members = [int(key) for key in group]
+            hessians = collect_hessians(model, sorted({n for i in members for n in inputs[i]}), ctx.calibration, ctx)
+            for index in members:
+                candidate = main_candidates[index]
+                parts = [hessians.get(r.node.input[0]) for r in candidate.readers]
+                if all(p is not None for p in parts):
+                    hessian = np.sum(parts, axis=0) / len(parts)
+                    candidate.rounded = gptq_quantize(
+                        candidate.canonical(), hessian, options.bits, options.block_size, options.symmetric, options.damp
+                    )
 
 
 # ----------------------------------------------------------------------------- shape stand-in

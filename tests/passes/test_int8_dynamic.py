@@ -379,11 +379,11 @@ def test_gptq_options_are_checked():
 
 def test_gptq_hessians_in_bounded_groups_give_the_same_model(monkeypatch):
     """With room for one Hessian at a time, each weight gets its own calibration sweep and the same integers."""
-    import onnxopt.passes.int8_dynamic as dynamic
+    import onnxopt.passes.gptq as gptq
 
     model = projection_model()
     whole = onnxopt.optimize(model, "int8_dynamic:rounding=gptq", target="ort-cpu", calibration=gptq_calibration(model), isolate=False)
-    monkeypatch.setattr(dynamic, "HESSIAN_BYTES", 8 * K * K)
+    monkeypatch.setattr(gptq, "HESSIAN_BYTES", 8 * K * K)
     split = onnxopt.optimize(model, "int8_dynamic:rounding=gptq", target="ort-cpu", calibration=gptq_calibration(model), isolate=False)
     assert any("gptq rounding of 2 weight(s) (2 calibration sweeps)" in n for n in split.report.notes)
     assert split.model.SerializeToString() == whole.model.SerializeToString()

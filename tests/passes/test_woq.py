@@ -502,3 +502,24 @@ def test_matmulnbits_takes_1d_inputs():
     out = woq(model, "woq:bits=8,min_size=16", "ort-cpu").model
     assert op_types(out) == ["MatMulNBits"]
     assert cosine(model, out, {"x": rand(K)}) >= MIN_COSINE[8]
+
+
+def test_gptq_in_bounded_groups_gives_the_same_model(monkeypatch):
+    """With room for one Hessian at a time, each weight gets its own calibration sweep and the same values."""
+    import onnxopt.passes.gptq as gptq
+
+    model = matmul_model(rand(K, N))
+    model.graph.node.append(helper.make_node("MatMul", ["y", "W2"], ["z"], name="mm2"))
+    model.graph.initializer.append(init("W2", rand(N, K)))
+    model.graph.output.append(tensor_input("z", ["batch", 5, K]))
+    whole = woq(model, "woq:min_size=16,rounding=gptq", "ort-cpu", calibration=Calibration())
+    import onnxopt.passes.woq as woq_module
+
+    sweeps = []
+    collect = woq_module.collect_hessians
+    monkeypatch.setattr(woq_module, "collect_hessians", lambda *args: sweeps.append(args[1]) or collect(*args))
+    monkeypatch.setattr(gptq, "HESSIAN_BYTES", 8 * max(K, N) ** 2)
+    split = woq(model, "woq:min_size=16,rounding=gptq", "ort-cpu", calibration=Calibration())
+    assert sweeps == [["x"], ["y"]]  # one calibration sweep per weight's input
+    assert counts(split)["weights_int4_gptq"] == 2
+    assert split.model.SerializeToString() == whole.model.SerializeToString()
