@@ -18,7 +18,7 @@ from onnx import NodeProto, numpy_helper
 
 from onnxopt.graph import GraphScope, GraphView, is_standard, node_label
 from onnxopt.passbase import Pass, PassContext, PassResult
-from onnxopt.passes.fuse_conv_rules import affine_step, cast_back, compose_affine, float_constant, int_attr, sole_reader
+from onnxopt.passes.fuse_conv_rules import affine_step, cast_back, compose_affine, conv_bias, float_constant, int_attr, sole_reader
 from onnxopt.passes.fusion_support import replace_nodes
 from onnxopt.passes.noop_rules import NoMatch, default_opset, get_attr, require
 from onnxopt.registry import register_pass
@@ -113,12 +113,7 @@ def _fold(conv: NodeProto, view: GraphView, weight: np.ndarray, group: int, scal
     expand = (slice(None), slice(None)) + (None,) * (w.ndim - 2)
     new_weight = w * scale[index][expand]
     added = (w * shift[index][expand]).reshape(out_channels, -1).sum(axis=1)
-    if len(conv.input) > 2 and conv.input[2]:
-        bias = float_constant(view, conv.input[2], "bias")
-        require(bias.shape == (out_channels,), f"the bias shape {list(bias.shape)} is not [{out_channels}]")
-        require(bias.dtype == weight.dtype, "the bias and weight dtypes differ")
-    else:
-        bias = np.zeros(out_channels, dtype=weight.dtype)
+    bias = conv_bias(conv, view, weight, out_channels)
     return cast_back(new_weight, weight, "weight"), cast_back(bias.astype(np.float64) + added, weight, "bias")
 
 

@@ -91,17 +91,22 @@ class WeightFold:
     extra: dict = field(default_factory=dict)
 
 
+def conv_bias(node: NodeProto, view: GraphView, weight: np.ndarray, channels: int) -> np.ndarray:
+    """The constant bias (input 2) of a Conv/ConvTranspose, zeros when it has none; NoMatch unless [channels] of the weight's dtype."""
+    if len(node.input) > 2 and node.input[2]:
+        bias = float_constant(view, node.input[2], "bias")
+        require(bias.shape == (channels,), f"the bias shape {list(bias.shape)} is not [{channels}]")
+        require(bias.dtype == weight.dtype, "the bias and weight dtypes differ")
+        return bias
+    return np.zeros(channels, dtype=weight.dtype)
+
+
 def conv_fold(node: NodeProto, view: GraphView, scale: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(weight, bias) of Conv/ConvTranspose ``node`` followed by ``y * scale + shift`` per channel."""
     weight = float_constant(view, node.input[1], "weight")
     channels = conv_channels(node, weight.shape)
     require(scale.shape == (channels,) and shift.shape == (channels,), f"the affine has {scale.shape[0]} channels, not {channels}")
-    if len(node.input) > 2 and node.input[2]:
-        bias = float_constant(view, node.input[2], "bias")
-        require(bias.shape == (channels,), f"the bias shape {list(bias.shape)} is not [{channels}]")
-        require(bias.dtype == weight.dtype, "the bias and weight dtypes differ")
-    else:
-        bias = np.zeros(channels, dtype=weight.dtype)
+    bias = conv_bias(node, view, weight, channels)
     new_weight = scale_output_channels(node, weight.astype(np.float64), scale)
     new_bias = bias.astype(np.float64) * scale + shift
     return cast_back(new_weight, weight, "weight"), cast_back(new_bias, weight, "bias")
