@@ -10,7 +10,6 @@ from onnxopt.passes import (  # noqa: F401
     fuse_attention,
     fuse_contrib,
     fuse_conv,
-    fuse_conv_input,
     fuse_layout,
     fuse_linear,
     fuse_mean,

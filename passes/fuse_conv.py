@@ -1,6 +1,8 @@
-"""Conv fusions: BatchNormalization and per-channel Mul/Add folded into weights, Pad into pads.
+"""Conv fusions: BatchNormalization and per-channel Mul/Add (after a Conv, or before an unpadded one) folded into
+weights, Pad into pads.
 
-The matching and weight arithmetic live in :mod:`onnxopt.passes.fuse_conv_rules`. Each
+The matching and weight arithmetic live in :mod:`onnxopt.passes.fuse_conv_rules` (and, for the
+affine before a Conv, :mod:`onnxopt.passes.fuse_conv_input`). Each
 pass collects every match of a graph first, then rewrites; folded weights always go into
 new initializers (the old ones are left for ``eliminate_dead_code``), so weights shared
 with other nodes are never changed.
@@ -16,6 +18,7 @@ from onnx import GraphProto, NodeProto, helper, numpy_helper
 
 from onnxopt.graph import GraphScope, node_label
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, option
+from onnxopt.passes.fuse_conv_input import InputFold, match_input_affine
 from onnxopt.passes.fuse_conv_rules import (
     CONV_OPS,
     LoneBatchNorm,
@@ -252,4 +255,55 @@ class FusePadIntoConv(Pass):
             result.count(f"pad_into_{consumer.op_type}")
         replace_nodes(graph, view.nodes, replaced)
         drop_value_info(graph, {f.pad.output[0] for f in fusions})
+        return result
+
+
+@register_pass
+class FoldConvInputAffine(Pass):
+    """Fold per-input-channel Mul/Add/Sub/Div by constants before an unpadded Conv into its weights and bias.
+
+    Pre: none. Matched: a standard Conv (opset >= 7) with constant float weights (and bias),
+    no padding (pads all zero, auto_pad NOTSET or VALID), whose input is written by a run of
+    standard Mul or Add (constant either side), Sub (``x - c``) or Div (``x / c``, c non-zero)
+    by finite constants of the weight's dtype that broadcast per input channel (scalars,
+    [C,1,1], [1,C,1,1], ...), each value of the run read only by the next step and not a graph
+    output. Post: the Conv reads the run's input with new weights (input channels scaled) and
+    a new (or created) bias; the run's nodes are gone; outputs equal up to float rounding.
+    """
+
+    name = "fold_conv_input_affine"
+    preserves_types = True
+
+    def run_graph(self, scope: GraphScope, ctx: PassContext) -> PassResult:
+        """Match the run before every Conv, then fold."""
+        result = PassResult()
+        if ctx.model.ir_version < 4:
+            return result
+        graph = scope.graph
+        view = ctx.view(graph)
+        folds: list[InputFold] = []
+        for node in view.nodes:
+            if node.op_type == "Conv" and node.domain in ("", "ai.onnx"):
+                try:
+                    folds.append(match_input_affine(node, view, ctx))
+                except NoMatch as exc:
+                    _debug(self.name, node, exc)
+        if not folds:
+            return result
+        replaced: dict[int, list[NodeProto]] = {}
+        for fold in folds:
+            conv = fold.conv
+            weight_name = ctx.names.fresh(f"{conv.input[1]}_folded")
+            bias_name = ctx.names.fresh(f"{conv.input[2] if len(conv.input) > 2 and conv.input[2] else conv.output[0] + '_bias'}_folded")
+            graph.initializer.append(numpy_helper.from_array(fold.weight, weight_name))
+            graph.initializer.append(numpy_helper.from_array(fold.bias, bias_name))
+            conv.input[0], conv.input[1] = fold.source, weight_name
+            if len(conv.input) > 2:
+                conv.input[2] = bias_name
+            else:
+                conv.input.append(bias_name)
+            for node in fold.chain:
+                replaced[id(node)] = []
+                result.count(f"{node.op_type}_into_Conv")
+        replace_nodes(graph, view.nodes, replaced)
         return result

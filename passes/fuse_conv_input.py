@@ -1,4 +1,5 @@
-"""Per-channel Mul/Add/Sub/Div by constants *before* an unpadded Conv, folded into its weights and bias.
+"""Matching and weight arithmetic of ``fold_conv_input_affine`` (:mod:`onnxopt.passes.fuse_conv`): per-channel
+Mul/Add/Sub/Div by constants *before* an unpadded Conv, folded into its weights and bias.
 
 ``Conv(x * s + t) = Conv_{W * s}(x) + sum(W * t)`` holds exactly when no output position reads
 padding (the padded zeros would otherwise become ``t``), so the rule takes Convs whose pads are
@@ -10,20 +11,15 @@ bias grows by its weights times ``t`` summed over the channels and the kernel.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-from onnx import NodeProto, numpy_helper
+from onnx import NodeProto
 
-from onnxopt.graph import GraphScope, GraphView, is_standard, node_label
-from onnxopt.passbase import Pass, PassContext, PassResult
+from onnxopt.graph import GraphView, is_standard
+from onnxopt.passbase import PassContext
 from onnxopt.passes.fuse_conv_rules import affine_step, cast_back, compose_affine, conv_bias, float_constant, int_attr, sole_reader
-from onnxopt.passes.fusion_support import replace_nodes
-from onnxopt.passes.noop_rules import NoMatch, default_opset, get_attr, require
-from onnxopt.registry import register_pass
-
-log = logging.getLogger("onnxopt")
+from onnxopt.passes.noop_rules import NoMatch, constant_tensor, default_opset, get_attr, require
 
 
 @dataclass
@@ -49,14 +45,9 @@ def _unpadded(conv: NodeProto) -> None:
 def _operand_source(node: NodeProto, view: GraphView) -> str:
     """The non-constant operand of a binary step (NoMatch when both or neither are constant)."""
     require(len(node.input) == 2, "not a binary node")
-    variable = [name for name in node.input if name not in view.initializers and not _is_constant(view, name)]
+    variable = [name for name in node.input if constant_tensor(view, name) is None]
     require(len(variable) == 1, "the step has no single non-constant operand")
     return variable[0]
-
-
-def _is_constant(view: GraphView, name: str) -> bool:
-    producer = view.producer.get(name)
-    return producer is not None and producer.op_type == "Constant"
 
 
 def _clip_gated(view: GraphView, name: str) -> bool:
@@ -115,54 +106,3 @@ def _fold(conv: NodeProto, view: GraphView, weight: np.ndarray, group: int, scal
     added = (w * shift[index][expand]).reshape(out_channels, -1).sum(axis=1)
     bias = conv_bias(conv, view, weight, out_channels)
     return cast_back(new_weight, weight, "weight"), cast_back(bias.astype(np.float64) + added, weight, "bias")
-
-
-@register_pass
-class FoldConvInputAffine(Pass):
-    """Fold per-input-channel Mul/Add/Sub/Div by constants before an unpadded Conv into its weights and bias.
-
-    Pre: none. Matched: a standard Conv (opset >= 7) with constant float weights (and bias),
-    no padding (pads all zero, auto_pad NOTSET or VALID), whose input is written by a run of
-    standard Mul or Add (constant either side), Sub (``x - c``) or Div (``x / c``, c non-zero)
-    by finite constants of the weight's dtype that broadcast per input channel (scalars,
-    [C,1,1], [1,C,1,1], ...), each value of the run read only by the next step and not a graph
-    output. Post: the Conv reads the run's input with new weights (input channels scaled) and
-    a new (or created) bias; the run's nodes are gone; outputs equal up to float rounding.
-    """
-
-    name = "fold_conv_input_affine"
-    preserves_types = True
-
-    def run_graph(self, scope: GraphScope, ctx: PassContext) -> PassResult:
-        """Match the run before every Conv, then fold."""
-        result = PassResult()
-        if ctx.model.ir_version < 4:
-            return result
-        graph = scope.graph
-        view = ctx.view(graph)
-        folds: list[InputFold] = []
-        for node in view.nodes:
-            if node.op_type == "Conv" and node.domain in ("", "ai.onnx"):
-                try:
-                    folds.append(match_input_affine(node, view, ctx))
-                except NoMatch as exc:
-                    log.debug("%s: %s is kept: %s", self.name, node_label(node), exc)
-        if not folds:
-            return result
-        replaced: dict[int, list[NodeProto]] = {}
-        for fold in folds:
-            conv = fold.conv
-            weight_name = ctx.names.fresh(f"{conv.input[1]}_folded")
-            bias_name = ctx.names.fresh(f"{conv.input[2] if len(conv.input) > 2 and conv.input[2] else conv.output[0] + '_bias'}_folded")
-            graph.initializer.append(numpy_helper.from_array(fold.weight, weight_name))
-            graph.initializer.append(numpy_helper.from_array(fold.bias, bias_name))
-            conv.input[0], conv.input[1] = fold.source, weight_name
-            if len(conv.input) > 2:
-                conv.input[2] = bias_name
-            else:
-                conv.input.append(bias_name)
-            for node in fold.chain:
-                replaced[id(node)] = []
-                result.count(f"{node.op_type}_into_Conv")
-        replace_nodes(graph, view.nodes, replaced)
-        return result

@@ -7,7 +7,7 @@ import pytest
 from helpers import assert_equivalent, init, make_model, op_types, run_pass, tensor_input
 from onnx import ModelProto, helper
 
-import onnxopt.passes.fuse_conv_input  # noqa: F401  (registers the pass)
+import onnxopt.passes.fuse_conv  # noqa: F401  (registers the pass)
 
 PASS = "fold_conv_input_affine"
 RNG = np.random.default_rng(0)
