@@ -15,13 +15,15 @@ per-channel int8 keep fixed scales.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from typing import TypeVar
 
 import numpy as np
 
 from onnxopt.errors import OnnxoptError
 
 Rounder = Callable[[int, np.ndarray], tuple[np.ndarray, np.ndarray]]
+Key = TypeVar("Key", bound=Hashable)
 
 
 def inverse_factor(hessian: np.ndarray, damp: float, what: str = "gptq") -> np.ndarray:
@@ -72,11 +74,11 @@ def gptq_round(
 HESSIAN_BYTES = 1 << 30  # float64 Hessians held at once by a calibrated rounding (one calibration sweep per group)
 
 
-def hessian_groups(costs: dict[str, int], budget: int | None = None) -> list[list[str]]:
+def hessian_groups(costs: dict[Key, int], budget: int | None = None) -> list[list[Key]]:
     """The keys of ``costs`` in order, in groups whose Hessians (``costs[key]`` bytes each, ``8 * K * K`` for one
     float64 [K, K]) fit in ``budget`` bytes (default :data:`HESSIAN_BYTES`); a larger one goes alone."""
     limit = HESSIAN_BYTES if budget is None else budget
-    groups: list[list[str]] = []
+    groups: list[list[Key]] = []
     used = limit
     for key, cost in costs.items():
         if not groups or used + cost > limit:

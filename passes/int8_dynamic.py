@@ -459,11 +459,12 @@ def _gptq_weights(model: ModelProto, ctx: PassContext, options: DynamicOptions, 
         by_weight.setdefault(layer.weight, []).append(layer)
     if not by_weight:
         return {}
-    rows = {w: _weight_matrix(view, w, readers[0].trans).shape[0] for w, readers in by_weight.items()}
+    shapes = {w: tuple(constant_tensor(view, w).dims) for w in by_weight}  # type: ignore[union-attr]
+    rows = {w: shapes[w][1 if readers[0].trans else 0] for w, readers in by_weight.items()}  # K of the [K, N] weight
     groups = hessian_groups({w: 8 * k * k * len(by_weight[w]) for w, k in rows.items()})  # one Hessian per layer
     out: dict[str, Quantized] = {}
     for group in groups:
-        request = [(layer.node, tuple(constant_tensor(view, w).dims)) for w in group for layer in by_weight[w]]  # type: ignore[union-attr]
+        request = [(layer.node, shapes[w]) for w in group for layer in by_weight[w]]
         per_layer = layer_hessians(model, request, ctx.calibration, batch_size=options.batch_size)
         for weight in group:
             parts = [per_layer[layer_key(layer.node)][0] for layer in by_weight[weight] if layer_key(layer.node) in per_layer]

@@ -584,9 +584,8 @@ class WeightOnlyQuantize(Pass):
         if nested:
             result.notes.append(f"{PASS_NAME}: rounding=gptq: {nested} weight(s) inside subgraphs rounded to nearest")
         inputs = [sorted({r.node.input[0] for r in c.readers}) for c in main_candidates]
-        costs = {str(i): 8 * c.canonical().shape[0] ** 2 * len(names) for i, (c, names) in enumerate(zip(main_candidates, inputs))}
-        for group in hessian_groups(costs):
-            members = [int(key) for key in group]
+        rows = [c.tensor.dims[1 if c.trans else 0] for c in main_candidates]  # K of the [K, N] weight
+        for members in hessian_groups({i: 8 * rows[i] ** 2 * len(names) for i, names in enumerate(inputs)}):
             hessians = collect_hessians(model, sorted({n for i in members for n in inputs[i]}), ctx.calibration, ctx)
             for index in members:
                 candidate = main_candidates[index]
