@@ -606,7 +606,7 @@ class _Rewriter:
     def _integers(self, node: NodeProto, weight: np.ndarray, params: QParams, key: tuple[str, int | None]) -> np.ndarray:
         """int8 values of a weight: GPTQ-rounded when its layer has a Hessian and is the weight's only reader, else nearest."""
         only_reader = len(self.view.consumers.get(key[0], [])) == 1
-        q = self.rounding.integers(node, weight, params.scale, params.axis, key) if self.rounding and only_reader else None
+        q = self.rounding.integers(node, weight, params.scale, key) if self.rounding and only_reader else None
         return q if q is not None else quantize_weight(weight, params)
 
     def _bias(self, node: NodeProto, wparams: QParams, result: PassResult) -> None:

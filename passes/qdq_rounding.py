@@ -52,24 +52,22 @@ def layer_hessians(
     return gram_matrices(model, request, data, batch_size=batch_size, limit=limit, rows_per_sample=ROWS_PER_SAMPLE)
 
 
-def gptq_int8(node: NodeProto, weight: np.ndarray, scale: np.ndarray, axis: int | None, hessian: np.ndarray, damp: float) -> np.ndarray:
-    """int8 values of ``weight`` (its own layout) rounded by GPTQ with the given per-channel/per-tensor ``scale``."""
+def gptq_int8(node: NodeProto, weight: np.ndarray, scale: np.ndarray, hessian: np.ndarray, damp: float) -> np.ndarray:
+    """int8 values of ``weight`` (its own layout) rounded by GPTQ with the given per-output-channel or per-tensor ``scale``."""
     w = weight.astype(np.float64)
     if node.op_type == "Conv":
         groups = hessian.shape[0]
         per_group = w.shape[0] // groups
         out = np.empty(w.shape, np.int8)
-        scales = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (w.shape[0],)) if axis is not None else None
+        scales = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (w.shape[0],))  # per-tensor: one value for all
         for g in range(groups):
             rows = slice(g * per_group, (g + 1) * per_group)
             kn = w[rows].reshape(per_group, -1).T
-            column_scale = scales[rows] if scales is not None else np.full(per_group, float(scale))
-            out[rows] = gptq_columns(kn, hessian[g], column_scale, damp).T.reshape(w[rows].shape)
+            out[rows] = gptq_columns(kn, hessian[g], scales[rows], damp).T.reshape(w[rows].shape)
         return out
     trans_b = node.op_type == "Gemm" and _attr(node, "transB", 0)
     kn = w.T if trans_b else w
-    column_scale = np.asarray(scale, np.float64).reshape(-1) if axis is not None else np.full(kn.shape[1], float(scale))
-    q = gptq_columns(kn, hessian[0], column_scale, damp)
+    q = gptq_columns(kn, hessian[0], scale, damp)  # per-column scales, or one per-tensor scale broadcast
     return q.T if trans_b else q
 
 
@@ -97,11 +95,11 @@ class GptqRounding:
     damp: float
     cache: dict[tuple[str, int | None], np.ndarray] = field(default_factory=dict)
 
-    def integers(self, node: NodeProto, weight: np.ndarray, scale: np.ndarray, axis: int | None, key: tuple[str, int | None]):
+    def integers(self, node: NodeProto, weight: np.ndarray, scale: np.ndarray, key: tuple[str, int | None]):
         """GPTQ int8 values of ``weight`` read by ``node`` (None when the layer has no Hessian)."""
         hessian = self.hessians.get(layer_key(node))
         if hessian is None:
             return None
         if key not in self.cache:
-            self.cache[key] = gptq_int8(node, weight, scale, axis, hessian, self.damp)
+            self.cache[key] = gptq_int8(node, weight, scale, hessian, self.damp)
         return self.cache[key]

@@ -677,7 +677,7 @@ def test_gptq_int8_lowers_layer_error_in_every_layout(op: str, group: int, trans
     params = weight_params(weight, axis)
     params.scale = params.scale * 8  # coarse steps, so rounding matters
     near = quantize_weight(weight, params).astype(np.float64)
-    smart = gptq_int8(node, weight, params.scale, axis, hessian, damp=0.01).astype(np.float64)
+    smart = gptq_int8(node, weight, params.scale, hessian, damp=0.01).astype(np.float64)
     assert smart.dtype == np.float64 and np.abs(smart).max() <= 127
 
     def error(q: np.ndarray) -> float:
