@@ -48,7 +48,7 @@ from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Require
 from onnxopt.passes.fusion_support import const_name
 from onnxopt.passes.qdq_gather import quantize_gathers
 from onnxopt.passes.qdq_placement import Plan, Planner, float_map
-from onnxopt.passes.qdq_rounding import GptqRounding, eligible, layer_hessians
+from onnxopt.passes.qdq_rounding import GptqLayer, GptqRounding, eligible, gptq_rounding
 from onnxopt.registry import register_pass
 
 log = logging.getLogger("onnxopt")
@@ -273,7 +273,7 @@ class QuantizeQDQ(Pass):
             blocked |= planner.downstream(name)
         builder = Builder(float_model, is_float, options, target, blocked, stats, data, method=method, per_channel=per_channel)
         if options.rounding == "gptq":
-            builder.rounding = GptqRounding(_hessians(float_model, view, plan, data, options, result), options.damp)
+            builder.rounding = _gptq(float_model, view, plan, data, options, per_channel, result)
         keep: frozenset[int] = frozenset()
         if options.sensitivity or options.keep_float or options.max_error or options.float_share:
             from onnxopt.passes.qdq_sensitivity import choose_float_layers
@@ -365,20 +365,26 @@ class Builder:
         return model, plan, rewrite
 
 
-def _hessians(
-    float_model: ModelProto, view: GraphView, plan: Plan, data: Any, options: QdqOptions, result: PassResult
-) -> dict[str, np.ndarray]:
-    """gptq: input Hessians of every quantized layer whose weight GPTQ can round (one calibration sweep)."""
+def _gptq(
+    float_model: ModelProto, view: GraphView, plan: Plan, data: Any, options: QdqOptions, per_channel: bool, result: PassResult
+) -> GptqRounding:
+    """gptq: the GPTQ integers of every quantized layer's weight that GPTQ can round and only that layer reads."""
     layers = []
     for node in plan.anchors + plan.weight_only:
-        weight = const_name(view, node.input[1]) if len(node.input) > 1 else None
-        if weight is not None and weight.dtype == np.float32 and eligible(node, weight) and node.input[0] not in view.initializers:
-            layers.append((node, tuple(weight.shape)))
+        name = node.input[1] if len(node.input) > 1 else ""
+        weight = const_name(view, name) if name else None
+        if weight is None or weight.dtype != np.float32 or not eligible(node, weight) or node.input[0] in view.initializers:
+            continue
+        if len(view.consumers.get(name, [])) != 1:
+            continue
+        axis = weight_axis(node, weight) if per_channel else None
+        layers.append(GptqLayer(node, weight, (name, axis), weight_params(weight, axis).scale))
     if not layers:
-        return {}
-    hessians = layer_hessians(float_model, layers, data, batch_size=options.batch_size)
-    result.notes.append(f"qdq: gptq rounding of {len(hessians)} weights")
-    return hessians
+        return GptqRounding()
+    rounding = gptq_rounding(float_model, layers, data, batch_size=options.batch_size, damp=options.damp)
+    sweeps = f" ({rounding.sweeps} calibration sweeps)" if rounding.sweeps > 1 else ""
+    result.notes.append(f"qdq: gptq rounding of {len(rounding.rounded)} weights{sweeps}")
+    return rounding
 
 
 def _fuse_float_activations(model: ModelProto, ctx: PassContext, result: PassResult) -> None:
@@ -590,7 +596,7 @@ class _Rewriter:
         key = (name, axis)
         if (key, folded) not in cache:
             params = weight_params(weight, axis)
-            q_name = self._init(f"{name}_quantized", self._integers(node, weight, params, key))
+            q_name = self._init(f"{name}_quantized", self._integers(weight, params, key))
             if folded:
                 out = self._cast_mul(q_name, params, name, weight.ndim)
             else:
@@ -603,10 +609,9 @@ class _Rewriter:
         if bias and not self.symmetric:
             self._bias(node, params, result)
 
-    def _integers(self, node: NodeProto, weight: np.ndarray, params: QParams, key: tuple[str, int | None]) -> np.ndarray:
-        """int8 values of a weight: GPTQ-rounded when its layer has a Hessian and is the weight's only reader, else nearest."""
-        only_reader = len(self.view.consumers.get(key[0], [])) == 1
-        q = self.rounding.integers(node, weight, params.scale, key) if self.rounding and only_reader else None
+    def _integers(self, weight: np.ndarray, params: QParams, key: tuple[str, int | None]) -> np.ndarray:
+        """int8 values of a weight: GPTQ-rounded when it was (for these scales), else rounded to nearest."""
+        q = self.rounding.integers(key, params.scale) if self.rounding else None
         return q if q is not None else quantize_weight(weight, params)
 
     def _bias(self, node: NodeProto, wparams: QParams, result: PassResult) -> None:

@@ -4,7 +4,9 @@ The Hessian ``X^T X / n`` of each Conv / Gemm / MatMul layer's input rows (im2co
 convolutions, per group) is measured on calibration data through the float model, with at most
 ``ROWS_PER_SAMPLE`` rows per sample kept (a fixed random subset) so wide early convolutions stay
 cheap; the weight is then rounded by :func:`onnxopt.passes.gptq.gptq_round` with the pass's
-per-channel (or per-tensor) scales kept as they are, so only the integers change.
+per-channel (or per-tensor) scales kept as they are, so only the integers change. Every weight is
+rounded once, before the builds (the sensitivity search rebuilds the model many times), and its
+Hessian dropped once its group's weights are rounded.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 from onnx import ModelProto, NodeProto
 
 from onnxopt.calibration.capture import gram_matrices
-from onnxopt.passes.gptq import gptq_round
+from onnxopt.passes.gptq import gptq_round, hessian_groups
 
 ROWS_PER_SAMPLE = 1024
 INT8_MAX = 127
@@ -87,19 +89,54 @@ def gptq_columns(
     return gptq_round(kn, hessian, make_rounder, damp=damp, int_dtype=np.int8, what=what)
 
 
+@dataclass(frozen=True)
+class GptqLayer:
+    """A layer whose weight GPTQ rounds: the node, its float32 weight, the rewriter's key for it and the fixed scale."""
+
+    node: NodeProto
+    weight: np.ndarray
+    key: tuple[str, int | None]
+    scale: np.ndarray
+
+
 @dataclass
 class GptqRounding:
-    """The layers' Hessians (by :func:`layer_key`) and the damping; integers are computed once per (weight, axis)."""
+    """GPTQ int8 values of the weights, by the rewriter's (weight name, axis) key, with the scales they were rounded for."""
 
-    hessians: dict[str, np.ndarray]
-    damp: float
-    cache: dict[tuple[str, int | None], np.ndarray] = field(default_factory=dict)
+    rounded: dict[tuple[str, int | None], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    sweeps: int = 0
 
-    def integers(self, node: NodeProto, weight: np.ndarray, scale: np.ndarray, key: tuple[str, int | None]):
-        """GPTQ int8 values of ``weight`` read by ``node`` (None when the layer has no Hessian)."""
-        hessian = self.hessians.get(layer_key(node))
-        if hessian is None:
+    def integers(self, key: tuple[str, int | None], scale: np.ndarray) -> np.ndarray | None:
+        """The GPTQ integers of the weight ``key`` under ``scale`` (None when it was not rounded for that scale)."""
+        entry = self.rounded.get(key)
+        if entry is None or not np.array_equal(entry[0], scale):
             return None
-        if key not in self.cache:
-            self.cache[key] = gptq_int8(node, weight, scale, hessian, self.damp)
-        return self.cache[key]
+        return entry[1]
+
+
+def hessian_bytes(node: NodeProto, weight_shape: tuple[int, ...]) -> int:
+    """Bytes of a layer's float64 ``[groups, K, K]`` input Hessian."""
+    if node.op_type == "Conv":
+        groups = _attr(node, "group", 1)
+        k = int(np.prod(weight_shape[1:]))
+        return 8 * groups * k * k
+    k = weight_shape[1] if node.op_type == "Gemm" and _attr(node, "transB", 0) else weight_shape[0]
+    return 8 * k * k
+
+
+def gptq_rounding(model: ModelProto, layers: list[GptqLayer], data: Any, *, batch_size: int, damp: float) -> GptqRounding:
+    """Round every layer's weight by GPTQ, measuring the Hessians in :func:`onnxopt.passes.gptq.hessian_groups`
+    (one calibration sweep per group of at most 1 GiB), so no more than one group's Hessians are ever held."""
+    rounding = GptqRounding()
+    costs = {index: hessian_bytes(layer.node, layer.weight.shape) for index, layer in enumerate(layers)}
+    for members in hessian_groups(costs):
+        request = [(layers[i].node, tuple(layers[i].weight.shape)) for i in members]
+        hessians = layer_hessians(model, request, data, batch_size=batch_size)
+        rounding.sweeps += 1
+        for i in members:
+            layer = layers[i]
+            hessian = hessians.get(layer_key(layer.node))
+            if hessian is not None:
+                rounding.rounded[layer.key] = (layer.scale, gptq_int8(layer.node, layer.weight, layer.scale, hessian, damp))
+        del hessians
+    return rounding

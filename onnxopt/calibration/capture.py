@@ -10,6 +10,7 @@ im2col for convolutions, so the same least-squares and SVD code serves every lay
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -194,17 +195,18 @@ def gram_matrices(
     one) to (a node reading the layer input as its input 0, the weight shape). Every input is
     streamed in one sweep; memory is one batch plus the matrices. With ``rows_per_sample``, a
     convolution's rows are built one sample at a time and at most that many kept per sample (a
-    Gemm/MatMul's per batch), a fixed random subset (seed 0, drawn in ``layers`` order).
+    Gemm/MatMul's per batch), a fixed random subset drawn from a generator seeded by the layer's key, so a
+    layer's matrix does not depend on which other layers are measured in the same sweep.
     """
     sums: dict[str, np.ndarray] = {}
     rows: dict[str, int] = {}
-    rng = np.random.default_rng(0)
+    rngs = {key: np.random.default_rng(zlib.crc32(str(key).encode())) for key in layers}
     names = [node.input[0] for node, _ in layers.values()]
     for values in stream_values(model, names, data, batch_size=batch_size, limit=limit):
         for key, (node, weight_shape) in layers.items():
             for x in _row_chunks(node, weight_shape, np.asarray(values[node.input[0]]), rows_per_sample is not None):
                 if rows_per_sample is not None and x.shape[1] > rows_per_sample:
-                    x = x[:, np.sort(rng.choice(x.shape[1], rows_per_sample, replace=False))]
+                    x = x[:, np.sort(rngs[key].choice(x.shape[1], rows_per_sample, replace=False))]
                 x = x.astype(np.float64, copy=False)
                 gram = np.matmul(x.transpose(0, 2, 1), x)  # batched BLAS (einsum does not use it)
                 sums[key] = sums[key] + gram if key in sums else gram

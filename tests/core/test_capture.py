@@ -86,6 +86,18 @@ def test_stream_values_and_gram_match_numpy_and_leave_the_model_alone():
         list(stream_values(model, ["nope"], data))
 
 
+def test_sampled_gram_of_a_layer_does_not_depend_on_the_other_layers_measured() -> None:
+    """Row subsets are drawn per layer key, so grouping layers into several sweeps gives the same matrices."""
+    model, w1 = mlp_model()
+    data = CalibrationData.from_arrays({"x": RNG.standard_normal((10, 4)).astype(np.float32)}, model=model)
+    node = model.graph.node[0]
+    other = helper.make_node("MatMul", ["x", "w1"], ["h2"], name="other")
+    alone = gram_matrices(model, {"mm": (node, w1.shape)}, data, batch_size=10, rows_per_sample=3)
+    both = gram_matrices(model, {"other": (other, w1.shape), "mm": (node, w1.shape)}, data, batch_size=10, rows_per_sample=3)
+    np.testing.assert_array_equal(alone["mm"], both["mm"])
+    assert not np.array_equal(both["other"], both["mm"])  # different keys draw different rows
+
+
 def test_fidelity_probe_scores_a_changed_model():
     model, _ = mlp_model()
     data = CalibrationData.from_arrays({"x": RNG.standard_normal((16, 4)).astype(np.float32)}, model=model)

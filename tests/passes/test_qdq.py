@@ -721,6 +721,30 @@ def test_gptq_rounding_lowers_model_error_and_keeps_scales() -> None:
     assert again.SerializeToString() == smart.SerializeToString()
 
 
+def test_gptq_hessians_in_bounded_groups_give_the_same_model(monkeypatch) -> None:
+    """With room for one Hessian at a time, each conv gets its own calibration sweep and the same integers."""
+    import onnxopt.passes.gptq as gptq
+
+    rng = np.random.default_rng(6)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["h"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1]),
+    ]
+    weights = [init(name, rng.standard_normal((out, 8, 3, 3)).astype(np.float32)) for name, out in (("w1", 8), ("w2", 6))]
+    model = make_model(nodes, [tensor_input("x", [1, 8, 6, 6])], [tensor_input("y", [1, 6, 6, 6])], weights)
+    data = CalibrationData.from_arrays({"x": correlated(8, 8, seed=1)}, model=model)
+    spec = "qdq:method=minmax,keep_outputs=false,rounding=gptq"
+    whole = onnxopt.optimize(model, spec, target="trt", calibration=data, isolate=False)
+    monkeypatch.setattr(gptq, "HESSIAN_BYTES", 8 * 72 * 72)
+    split = onnxopt.optimize(model, spec, target="trt", calibration=data, isolate=False)
+    assert any("gptq rounding of 2 weights (2 calibration sweeps)" in n for n in split.report.notes), split.report.notes
+    assert split.model.SerializeToString() == whole.model.SerializeToString()
+    feeds = {"x": correlated(1, 8, seed=9)}
+    ref, got = run_model(model, feeds)["y"], run_model(split.model, feeds)["y"]
+    assert float(np.abs(got - ref).max()) < 0.05 * float(np.abs(ref).max())
+
+
 def residual_stream() -> ModelProto:
     """x -> LayerNorm -> h; y = h + MatMul(Relu(MatMul(h, w1)), w2): h flows float to the output (a transformer's residual)."""
     nodes = [
