@@ -15,6 +15,16 @@ from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, option
 from onnxopt.registry import register_pass
 
 
+def convert_opset(model: ModelProto, version: int) -> ModelProto:
+    """``model`` converted to opset ``version`` by onnx's version converter and checked; the model's own value_info
+    is kept as it was (the converter adds the shapes it inferred, partly with made-up dim names, to the file)."""
+    converted = convert_version(model, version)
+    del converted.graph.value_info[:]
+    converted.graph.value_info.extend(model.graph.value_info)
+    onnx.checker.check_model(converted)
+    return converted
+
+
 @dataclass
 class UpgradeOpsetOptions(PassOptions):
     """Options of :class:`UpgradeOpset`."""
@@ -64,8 +74,7 @@ class UpgradeOpset(Pass):
         if serialized_size(model) is None:
             raise OnnxoptError("upgrade_opset: onnx's version converter cannot handle models over 2 GB")
         try:
-            converted = convert_version(model, options.version)
-            onnx.checker.check_model(converted)
+            converted = convert_opset(model, options.version)
         except Exception as exc:  # the converter raises many types
             message = " ".join(str(exc).split())[:300]
             raise OnnxoptError(

@@ -39,6 +39,15 @@ def test_upgrade_to_17_keeps_outputs():
     assert_equivalent(model, result.model)
 
 
+def test_upgrade_keeps_the_models_value_info_and_adds_none():
+    """onnx's converter writes every shape it inferred into the file; the upgraded model keeps only its own."""
+    model = _old_model()
+    model.graph.value_info.append(helper.make_tensor_value_info("u", 1, [1, 3, 4]))
+    upgraded = onnxopt.optimize(model, "upgrade_opset:version=17", isolate=False).model
+    assert [v.name for v in upgraded.graph.value_info] == ["u"]
+    assert_equivalent(model, upgraded)
+
+
 def test_never_downgrades():
     model = _old_model()
     result = onnxopt.optimize(model, "upgrade_opset:version=9", isolate=False)
