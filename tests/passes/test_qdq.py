@@ -314,12 +314,12 @@ def test_opset_11_is_upgraded_for_per_channel() -> None:
 
 
 def test_opset_11_falls_back_to_per_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
-    import onnx.version_converter
+    import onnxopt.passes.opset
 
     def refuse(model, version):
         raise RuntimeError("adapter missing")
 
-    monkeypatch.setattr(onnx.version_converter, "convert_version", refuse)
+    monkeypatch.setattr(onnxopt.passes.opset, "convert_version", refuse)
     model = resnet_block(opset=11)
     result = quantize(model, "portable")  # (target trt upgrades every model to opset 17 first)
     out = result.model
