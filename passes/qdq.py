@@ -32,6 +32,7 @@ per-tensor scales; a note says which.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -378,10 +379,11 @@ def _gptq(
         if len(view.consumers.get(name, [])) != 1:
             continue
         axis = weight_axis(node, weight) if per_channel else None
-        layers.append(GptqLayer(node, weight, (name, axis), weight_params(weight, axis).scale))
+        layers.append(GptqLayer(node, tuple(weight.shape), (name, axis), weight_params(weight, axis).scale))
     if not layers:
         return GptqRounding()
-    rounding = gptq_rounding(float_model, layers, data, batch_size=options.batch_size, damp=options.damp)
+    weight_of = functools.partial(const_name, view)
+    rounding = gptq_rounding(float_model, layers, weight_of, data, batch_size=options.batch_size, damp=options.damp)
     sweeps = f" ({rounding.sweeps} calibration sweeps)" if rounding.sweeps > 1 else ""
     result.notes.append(f"qdq: gptq rounding of {len(rounding.rounded)} weights{sweeps}")
     return rounding

@@ -11,7 +11,7 @@ Hessian dropped once its group's weights are rounded.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,10 +91,10 @@ def gptq_columns(
 
 @dataclass(frozen=True)
 class GptqLayer:
-    """A layer whose weight GPTQ rounds: the node, its float32 weight, the rewriter's key for it and the fixed scale."""
+    """A layer whose weight GPTQ rounds: the node, its weight's shape, the rewriter's (weight name, axis) key and the fixed scale."""
 
     node: NodeProto
-    weight: np.ndarray
+    shape: tuple[int, ...]
     key: tuple[str, int | None]
     scale: np.ndarray
 
@@ -124,19 +124,22 @@ def hessian_bytes(node: NodeProto, weight_shape: tuple[int, ...]) -> int:
     return 8 * k * k
 
 
-def gptq_rounding(model: ModelProto, layers: list[GptqLayer], data: Any, *, batch_size: int, damp: float) -> GptqRounding:
-    """Round every layer's weight by GPTQ, measuring the Hessians in :func:`onnxopt.passes.gptq.hessian_groups`
-    (one calibration sweep per group of at most 1 GiB), so no more than one group's Hessians are ever held."""
+def gptq_rounding(
+    model: ModelProto, layers: list[GptqLayer], weight_of: Callable[[str], np.ndarray], data: Any, *, batch_size: int, damp: float
+) -> GptqRounding:
+    """Round every layer's weight (read by ``weight_of`` when its turn comes, so no more than one float copy is held)
+    by GPTQ, measuring the Hessians in :func:`onnxopt.passes.gptq.hessian_groups` (one calibration sweep per group of
+    at most 1 GiB), so no more than one group's Hessians are ever held."""
     rounding = GptqRounding()
-    costs = {index: hessian_bytes(layer.node, layer.weight.shape) for index, layer in enumerate(layers)}
+    costs = {index: hessian_bytes(layer.node, layer.shape) for index, layer in enumerate(layers)}
     for members in hessian_groups(costs):
-        request = [(layers[i].node, tuple(layers[i].weight.shape)) for i in members]
-        hessians = layer_hessians(model, request, data, batch_size=batch_size)
+        hessians = layer_hessians(model, [(layers[i].node, layers[i].shape) for i in members], data, batch_size=batch_size)
         rounding.sweeps += 1
         for i in members:
             layer = layers[i]
             hessian = hessians.get(layer_key(layer.node))
             if hessian is not None:
-                rounding.rounded[layer.key] = (layer.scale, gptq_int8(layer.node, layer.weight, layer.scale, hessian, damp))
+                weight = weight_of(layer.key[0])
+                rounding.rounded[layer.key] = (layer.scale, gptq_int8(layer.node, weight, layer.scale, hessian, damp))
         del hessians
     return rounding
