@@ -24,7 +24,9 @@ def make_session(
     Graph optimizations are off by default so the session computes exactly what the
     graph says; the session is single threaded unless ``threads`` says otherwise.
     ``log_level`` is onnxruntime's severity threshold (3: errors, 4: fatal only, for
-    callers that expect and handle failures themselves).
+    callers that expect and handle failures themselves). Such an unoptimized session (verification,
+    calibration) has no CPU memory arena: it computes every DequantizeLinear of a weight on each
+    run, and the arena would keep growing blocks for them (1.1 GB for a 256 MB model's calibration).
     """
     ort = import_onnxruntime()
     options = ort.SessionOptions()
@@ -33,4 +35,5 @@ def make_session(
     options.inter_op_num_threads = 1
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.enable_cpu_mem_arena = False
     return ort.InferenceSession(model_bytes, options, providers=[provider])

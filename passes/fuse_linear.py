@@ -178,7 +178,7 @@ def match_matmul_affine(matmul: NodeProto, view: GraphView, ctx: PassContext) ->
     """``MatMul(x, W)`` (W a 2-D float constant) followed by a run of per-column Mul/Add/Sub/Div by constants."""
     require(default_opset(ctx) >= 7, "Mul/Add before opset 7 have the 'broadcast' attribute")
     require(len(matmul.input) == 2 and len(matmul.output) == 1, "not a two-input MatMul")
-    weight = constant_array(view, matmul.input[1])
+    weight = constant_array(view, matmul.input[1], max_elements=None)
     require(weight is not None and weight.ndim == 2, "the MatMul's B is not a 2-D constant of this graph")
     require(weight.dtype in (np.float32, np.float16, np.float64), "the weight is not float, float16 or double")  # type: ignore[union-attr]
     columns = int(weight.shape[1])  # type: ignore[union-attr]

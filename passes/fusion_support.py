@@ -103,13 +103,13 @@ def drop_value_info(graph: GraphProto, stale: set[str]) -> None:
 
 
 def const_name(view: GraphView, name: str) -> np.ndarray | None:
-    """The value of a constant of this graph (initializer not a graph input, or Constant node), or None."""
-    return constant_array(view, name) if name else None
+    """The value of a constant of this graph (initializer not a graph input, or Constant node), of any size, or None."""
+    return constant_array(view, name, max_elements=None) if name else None
 
 
 def scalar(view: GraphView, name: str) -> tuple[float, int] | None:
     """(value, rank) of a one-element floating-point constant, or None."""
-    array = const_name(view, name)
+    array = constant_array(view, name, max_elements=1) if name else None
     if array is None or array.size != 1 or array.dtype.kind != "f":
         return None
     return float(array.reshape(-1)[0]), array.ndim

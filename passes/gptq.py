@@ -36,7 +36,9 @@ def inverse_factor(hessian: np.ndarray, damp: float, what: str = "gptq") -> np.n
     h[dead, dead] = 1.0
     h[np.diag_indices(k)] += damp * max(float(np.mean(np.diag(h))), 1e-12)
     try:
-        return np.linalg.cholesky(np.linalg.inv(h)).T
+        inverse = np.linalg.inv(h)
+        del h  # each [K, K] float64 matrix can be gigabytes: hold at most two at a time
+        return np.linalg.cholesky(inverse).T
     except np.linalg.LinAlgError as exc:
         raise OnnxoptError(f"{what}: the damped Hessian is not positive definite ({exc}); raise 'damp'") from None
 

@@ -33,7 +33,7 @@ from onnxopt.shapes import elem_type, static_shape
 log = logging.getLogger("onnxopt")
 
 INT64_MAX = (1 << 63) - 1
-MAX_CONSTANT_ELEMENTS = 1 << 20  # larger constants are not inspected for all-zero/all-one values
+MAX_CONSTANT_ELEMENTS = 1 << 20  # no-op rules do not inspect larger constants for all-zero/all-one values
 PAD_MODES = ("constant", "reflect", "edge", "wrap")
 
 
@@ -93,10 +93,10 @@ def constant_tensor(view: GraphView, name: str) -> TensorProto | None:
     return None
 
 
-def constant_array(view: GraphView, name: str) -> np.ndarray | None:
-    """The value of a constant of this graph as numpy, or None (unknown or too large)."""
+def constant_array(view: GraphView, name: str, *, max_elements: int | None = MAX_CONSTANT_ELEMENTS) -> np.ndarray | None:
+    """The value of a constant of this graph as numpy, or None (unknown, or over ``max_elements``; None: any size)."""
     tensor = constant_tensor(view, name)
-    if tensor is None or int(np.prod(tensor.dims, dtype=np.int64)) > MAX_CONSTANT_ELEMENTS:
+    if tensor is None or (max_elements is not None and int(np.prod(tensor.dims, dtype=np.int64)) > max_elements):
         return None
     return numpy_helper.to_array(tensor)
 

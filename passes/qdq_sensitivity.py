@@ -26,7 +26,7 @@ from onnxopt.calibration import collect_stats
 from onnxopt.calibration.fidelity import output_error, run_batches
 from onnxopt.graph import GraphView, NameGenerator
 from onnxopt.passbase import PassResult
-from onnxopt.passes.fusion_support import const_name
+from onnxopt.passes.noop_rules import constant_tensor
 
 if TYPE_CHECKING:
     from onnxopt.passes.qdq import Builder, _Rewriter
@@ -68,11 +68,12 @@ def layer_macs(model: ModelProto, positions: list[int], feeds: dict[str, np.ndar
 
     view = GraphView.build(model.graph)
     nodes = [model.graph.node[p] for p in positions]
-    constants = {n: const_name(view, n) for node in nodes for n in node.input[:2]}
-    constants = {n: value for n, value in constants.items() if value is not None}
-    names = list(dict.fromkeys(n for node in nodes for n in (node.input[0], node.output[0]) if n not in feeds and n not in constants))
-    values = dict(zip(names, probe_session(model, names, what="to count layer MACs").run(names, feeds)), **feeds, **constants)
-    types = {name: helper.make_tensor_type_proto(TensorProto.FLOAT, np.shape(value)) for name, value in values.items()}
+    tensors = {n: constant_tensor(view, n) for node in nodes for n in node.input[:2]}
+    shapes = {n: tuple(tensor.dims) for n, tensor in tensors.items() if tensor is not None}  # weights: no copy of their values
+    names = list(dict.fromkeys(n for node in nodes for n in (node.input[0], node.output[0]) if n not in feeds and n not in shapes))
+    values = dict(zip(names, probe_session(model, names, what="to count layer MACs").run(names, feeds)), **feeds)
+    shapes.update((name, np.shape(value)) for name, value in values.items())
+    types = {name: helper.make_tensor_type_proto(TensorProto.FLOAT, shape) for name, shape in shapes.items()}
     return {pos: (node_flops(node, {}, types) or 0) // 2 for pos, node in zip(positions, nodes)}
 
 

@@ -26,7 +26,7 @@ import ml_dtypes
 import numpy as np
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
-from onnxopt.errors import OnnxoptError, OptionError
+from onnxopt.errors import OptionError
 from onnxopt.graph import GraphScope, GraphView, is_standard, node_label, opset_version
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_patterns, option
 from onnxopt.passes.contrib_ops import MS_DOMAIN, MS_VERSION, has_kernel, ort_target
@@ -339,45 +339,26 @@ def find_candidates(view: GraphView, ctx: PassContext, options: WoqOptions) -> t
 # ----------------------------------------------------------------------------- calibration (GPTQ)
 
 
-def collect_hessians(model: ModelProto, names: list[str], calibration: Any, ctx: PassContext) -> dict[str, np.ndarray]:
-    """``X^T X / rows`` (float64, [K, K]) of every main-graph value in ``names``, streamed over calibration batches."""
-    from onnxopt.verify import create_session
+def collect_hessians(model: ModelProto, names: list[str], calibration: Any) -> dict[str, np.ndarray]:
+    """``X^T X / rows`` (float64, [K, K]) of every main-graph value in ``names``, streamed over calibration batches
+    (:func:`onnxopt.calibration.capture.stream_values`: no copy of the model, progress shown)."""
+    from onnxopt.calibration.capture import stream_values
 
-    batches = getattr(calibration, "batches", None)
-    if not callable(batches):
-        raise OnnxoptError("woq: gptq: the calibration object has no batches(batch_size) method")
-    probe = ModelProto()
-    probe.CopyFrom(model)
-    graph = probe.graph
-    inputs = {i.name for i in graph.input}
-    outputs = {o.name for o in graph.output}
-    for name in names:
-        if name not in inputs and name not in outputs:
-            graph.output.append(helper.make_tensor_value_info(name, elem(ctx, name) or TensorProto.FLOAT, None))
-    try:
-        session = create_session(probe)
-    except Exception as exc:
-        raise OnnxoptError(
-            f"woq: gptq: onnxruntime cannot run the model to collect statistics: {' '.join(str(exc).split())[:300]}"
-        ) from exc
-    wanted = [o.name for o in session.get_outputs() if o.name in set(names)]
     sums: dict[str, np.ndarray] = {}
     rows: Counter = Counter()
-    needed = {i.name for i in session.get_inputs()}
-    for feeds in batches(CALIB_BATCH):
-        missing = sorted(needed - set(feeds))
-        if missing:
-            raise OnnxoptError(f"woq: gptq: a calibration batch has no array for model input '{missing[0]}'")
-        try:
-            values = dict(zip(wanted, session.run(wanted, dict(feeds)))) if wanted else {}
-        except Exception as exc:
-            raise OnnxoptError(f"woq: gptq: a calibration batch does not run: {' '.join(str(exc).split())[:300]}") from exc
+    for values in stream_values(model, names, calibration, batch_size=CALIB_BATCH):
         for name in names:
-            x = feeds[name] if name in inputs else values[name]
-            x = np.asarray(x, dtype=np.float64).reshape(-1, np.shape(x)[-1])
-            sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
+            x = np.asarray(values[name], dtype=np.float64).reshape(-1, np.shape(values[name])[-1])
+            gram = x.T @ x
+            if name in sums:
+                sums[name] += gram  # in place: a [K, K] float64 matrix can be gigabytes
+            else:
+                sums[name] = gram
+            del gram
             rows[name] += x.shape[0]
-    return {name: sums[name] / rows[name] for name in sums if rows[name]}
+    for name, total in sums.items():
+        total /= max(rows[name], 1)
+    return {name: total for name, total in sums.items() if rows[name]}
 
 
 # ----------------------------------------------------------------------------- rewriting
@@ -586,12 +567,12 @@ class WeightOnlyQuantize(Pass):
         inputs = [sorted({r.node.input[0] for r in c.readers}) for c in main_candidates]
         rows = [c.tensor.dims[1 if c.trans else 0] for c in main_candidates]  # K of the [K, N] weight
         for members in hessian_groups({i: 8 * rows[i] ** 2 * len(names) for i, names in enumerate(inputs)}):
-            hessians = collect_hessians(model, sorted({n for i in members for n in inputs[i]}), ctx.calibration, ctx)
+            hessians = collect_hessians(model, sorted({n for i in members for n in inputs[i]}), ctx.calibration)
             for index in members:
                 candidate = main_candidates[index]
                 parts = [hessians.get(r.node.input[0]) for r in candidate.readers]
                 if all(p is not None for p in parts):
-                    hessian = np.sum(parts, axis=0) / len(parts)
+                    hessian = parts[0] if len(parts) == 1 else np.add.reduce(parts) / len(parts)
                     candidate.rounded = gptq_quantize(
                         candidate.canonical(), hessian, options.bits, options.block_size, options.symmetric, options.damp
                     )

@@ -209,9 +209,15 @@ def gram_matrices(
                     x = x[:, np.sort(rngs[key].choice(x.shape[1], rows_per_sample, replace=False))]
                 x = x.astype(np.float64, copy=False)
                 gram = np.matmul(x.transpose(0, 2, 1), x)  # batched BLAS (einsum does not use it)
-                sums[key] = sums[key] + gram if key in sums else gram
+                if key in sums:
+                    sums[key] += gram  # in place: a [K, K] float64 matrix can be gigabytes
+                else:
+                    sums[key] = gram
+                del gram
                 rows[key] = rows.get(key, 0) + x.shape[1]
-    return {key: sums[key] / max(rows[key], 1) for key in sums}
+    for key, total in sums.items():
+        total /= max(rows[key], 1)
+    return sums
 
 
 def _row_chunks(node: NodeProto, weight_shape: Sequence[int], x: np.ndarray, per_sample: bool) -> Iterator[np.ndarray]:

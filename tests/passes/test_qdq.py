@@ -219,6 +219,28 @@ def test_convtranspose_axis_1() -> None:
     check_fidelity(model, out)
 
 
+@pytest.mark.parametrize("target", ["trt", "ort-cpu"])
+@pytest.mark.parametrize("rounding", ["nearest", "gptq"])
+def test_weights_over_a_million_elements_are_quantized(target: str, rounding: str) -> None:
+    """A 512 x 512 x 3 x 3 Conv weight and a 1024 x 1040 MatMul weight (over 2**20 elements each) are stored int8."""
+    nodes = [
+        helper.make_node("Conv", ["x", "wc"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("ReduceMean", ["r"], ["p"], name="pool", axes=[2, 3], keepdims=0),
+        helper.make_node("Concat", ["p", "p"], ["p2"], name="cat", axis=1),
+        helper.make_node("MatMul", ["p2", "wm"], ["m"], name="mm"),
+        helper.make_node("Relu", ["m"], ["y"], name="relu2"),
+    ]
+    weights = [init("wc", rand(512, 512, 3, 3, scale=0.02)), init("wm", rand(1024, 1040, scale=0.05))]
+    model = make_model(nodes, [tensor_input("x", [1, 512, 4, 4])], [tensor_input("y", [1, 1040])], weights)
+    out = quantize(model, target, f"keep_outputs=false,rounding={rounding}").model
+    for name in ("conv", "mm"):
+        dq, q = quantized_input(out, node_named(out, name), 1)
+        assert q is None and inits(out)[dq.input[0]].dtype == np.int8
+    assert not {"wc", "wm"} & {t.name for t in out.graph.initializer}
+    check_fidelity(model, out)
+
+
 def test_trt_concat_shares_one_scale() -> None:
     model = concat_model()
     out = quantize(model, "trt", "keep_outputs=false").model

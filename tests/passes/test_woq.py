@@ -9,6 +9,7 @@ from helpers import init, make_model, op_types, tensor_input
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 import onnxopt
+from onnxopt.calibration import CalibrationData
 from onnxopt.errors import OptionError
 from onnxopt.manager import PassManager
 from onnxopt.passes.woq import gptq_quantize, matmulnbits_arrays, quantize_blocks
@@ -428,22 +429,17 @@ def test_subgraph_weight():
 # ----------------------------------------------------------------------------- GPTQ and determinism
 
 
-class Calibration:
-    """Calibration data of correlated inputs: ``batches(n)`` yields four dicts."""
-
-    def __init__(self, k: int = K) -> None:
-        self.k = k
-
-    def batches(self, batch_size: int):
-        for index in range(4):
-            yield {"x": correlated_inputs(batch_size * 5, self.k, 10 + index).reshape(batch_size, 5, self.k)}
+def correlated_calibration(k: int = K) -> CalibrationData:
+    """Calibration data of correlated inputs: four batches of eight [5, k] samples, each from its own seed."""
+    samples = [correlated_inputs(8 * 5, k, 10 + index).reshape(8, 5, k) for index in range(4)]
+    return CalibrationData.from_arrays({"x": np.concatenate(samples)})
 
 
 @pytest.mark.parametrize("target", ["portable", "ort-cpu"])
 def test_gptq_beats_nearest_in_onnxruntime(target):
     model = matmul_model(rand(K, N))
     nearest = woq(model, "woq:min_size=16", target).model
-    result = woq(model, "woq:min_size=16,rounding=gptq", target, calibration=Calibration())
+    result = woq(model, "woq:min_size=16,rounding=gptq", target, calibration=correlated_calibration())
     assert counts(result)["weights_int4_gptq"] == 1
     test = {"x": correlated_inputs(40, K, 99).reshape(8, 5, K)}
     reference = run_model(model, test)["y"]
@@ -459,24 +455,21 @@ def test_gptq_without_calibration_is_a_requirement_error():
 
 
 def test_gptq_bad_calibration_is_one_line_error():
-    class Wrong:
-        def batches(self, batch_size):
-            yield {"not_x": np.zeros((1, 5, K), np.float32)}
-
-    with pytest.raises(onnxopt.OnnxoptError, match="calibration batch has no array for model input .x."):
-        woq(matmul_model(rand(K, N)), "woq:min_size=16,rounding=gptq", calibration=Wrong())
+    wrong = CalibrationData.from_arrays({"not_x": np.zeros((1, 5, K), np.float32)})
+    with pytest.raises(onnxopt.OnnxoptError, match="no array for model input .x."):
+        woq(matmul_model(rand(K, N)), "woq:min_size=16,rounding=gptq", calibration=wrong)
 
 
 @pytest.mark.parametrize("target", ["portable", "ort-cpu"])
 @pytest.mark.parametrize("rounding", ["nearest", "gptq"])
 def test_deterministic(target, rounding):
-    model = two_readers("MatMul")
-
-    class Calib:
-        def batches(self, batch_size):
-            yield {k: v for k, v in SHARED_FEEDS.items()}
-
-    runs = [woq(model, f"woq:min_size=16,symmetric=false,rounding={rounding}", target, Calib()).model.SerializeToString() for _ in range(2)]
+    """A weight shared by two MatMuls (nearest) and two chained weights (GPTQ, correlated calibration)."""
+    if rounding == "nearest":
+        model, calibration = two_readers("MatMul"), None
+    else:
+        model, calibration = chained_model(), correlated_calibration()
+    spec = f"woq:min_size=16,symmetric=false,rounding={rounding}"
+    runs = [woq(model, spec, target, calibration).model.SerializeToString() for _ in range(2)]
     assert runs[0] == runs[1]
 
 
@@ -504,22 +497,28 @@ def test_matmulnbits_takes_1d_inputs():
     assert cosine(model, out, {"x": rand(K)}) >= MIN_COSINE[8]
 
 
-def test_gptq_in_bounded_groups_gives_the_same_model(monkeypatch):
-    """With room for one Hessian at a time, each weight gets its own calibration sweep and the same values."""
-    import onnxopt.passes.gptq as gptq
-
+def chained_model() -> ModelProto:
+    """x -> MatMul(W) -> y -> MatMul(W2) -> z: two weights with their own inputs."""
     model = matmul_model(rand(K, N))
     model.graph.node.append(helper.make_node("MatMul", ["y", "W2"], ["z"], name="mm2"))
     model.graph.initializer.append(init("W2", rand(N, K)))
     model.graph.output.append(tensor_input("z", ["batch", 5, K]))
-    whole = woq(model, "woq:min_size=16,rounding=gptq", "ort-cpu", calibration=Calibration())
+    return model
+
+
+def test_gptq_in_bounded_groups_gives_the_same_model(monkeypatch):
+    """With room for one Hessian at a time, each weight gets its own calibration sweep and the same values."""
+    import onnxopt.passes.gptq as gptq
+
+    model = chained_model()
+    whole = woq(model, "woq:min_size=16,rounding=gptq", "ort-cpu", calibration=correlated_calibration())
     import onnxopt.passes.woq as woq_module
 
     sweeps = []
     collect = woq_module.collect_hessians
     monkeypatch.setattr(woq_module, "collect_hessians", lambda *args: sweeps.append(args[1]) or collect(*args))
     monkeypatch.setattr(gptq, "HESSIAN_BYTES", 8 * max(K, N) ** 2)
-    split = woq(model, "woq:min_size=16,rounding=gptq", "ort-cpu", calibration=Calibration())
+    split = woq(model, "woq:min_size=16,rounding=gptq", "ort-cpu", calibration=correlated_calibration())
     assert sweeps == [["x"], ["y"]]  # one calibration sweep per weight's input
     assert counts(split)["weights_int4_gptq"] == 2
     assert split.model.SerializeToString() == whole.model.SerializeToString()
