@@ -256,8 +256,7 @@ class QuantizeQDQ(Pass):
             if pairs:
                 result.count("pairs_equalized", pairs)
                 result.notes.append(f"qdq: equalized the channel ranges of {pairs} Conv -> Conv tensor(s) (float outputs unchanged)")
-        float_model = ModelProto()
-        float_model.CopyFrom(model)
+        float_model = model  # read only until the quantized model replaces it (a copy would cost the model's size again)
         view = GraphView.build(float_model.graph)
         is_float = float_map(view, ctx.types)
         planner = Planner(view, is_float, target=target, exclude=options.exclude, keep_outputs=options.keep_outputs)
@@ -280,13 +279,22 @@ class QuantizeQDQ(Pass):
             from onnxopt.passes.qdq_sensitivity import choose_float_layers
 
             keep = choose_float_layers(builder, result)
-        quantized, final_plan, rewriter = builder.build(keep, result, weights=True)
-        model.CopyFrom(quantized)
-        ctx.invalidate()
+        built, final_plan, rewriter = builder.build(keep, result, weights=True)
+        layer_outputs = {n.output[0] for n in final_plan.anchors + final_plan.weight_only}
+        constants = RewrittenConstants(rewriter.int32_biases, rewriter.uint8_constants)
+        # a fresh copy holds only what the rewrite kept: deleting the float weights from ``built`` does not free the
+        # memory protobuf allocated for them, nor does anything while a node of it (in the plan) is referenced
+        quantized = ModelProto()
+        quantized.CopyFrom(built)
+        del built, final_plan, rewriter, view, planner, plan
         if options.bias_correction:
             from onnxopt.passes.qdq_sensitivity import correct_biases
 
-            correct_biases(model, final_plan, rewriter, builder, result)
+            correct_biases(quantized, layer_outputs, constants, builder, result)
+        del builder
+        model.CopyFrom(quantized)
+        del quantized
+        ctx.invalidate()
         if target == "ort-cpu":
             _fuse_float_activations(model, ctx, result)
         if options.embeddings and target != "trt":
@@ -456,6 +464,18 @@ def _tensor_params(
         old = ranges.get(group)
         ranges[group] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
     return {name: activation_params(*ranges[plan.group_of(name)], symmetric=symmetric) for name in plan.tensors}
+
+
+@dataclass
+class RewrittenConstants:
+    """The biases and constants a rewrite stored in integers, by name (what bias correction shifts; no graph references).
+
+    ``int32_biases``: layer output -> (float bias, scale, int32 initializer); ``uint8_constants``: DQ output ->
+    (float value, q, scale, zero-point initializers).
+    """
+
+    int32_biases: dict[str, tuple[np.ndarray, np.ndarray, str]]
+    uint8_constants: dict[str, tuple[np.ndarray, str, str, str]]
 
 
 class _Rewriter:

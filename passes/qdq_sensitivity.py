@@ -16,7 +16,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,8 +31,7 @@ from onnxopt.passbase import PassResult
 from onnxopt.passes.noop_rules import constant_tensor
 
 if TYPE_CHECKING:
-    from onnxopt.passes.qdq import Builder, _Rewriter
-    from onnxopt.passes.qdq_placement import Plan
+    from onnxopt.passes.qdq import Builder, RewrittenConstants
 
 SENSITIVITY_BATCHES = 2  # calibration batches per layer
 TOP = 10  # ranking lines in the notes
@@ -180,7 +181,7 @@ def _int32(bias: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(ratio), -INT32_MAX, INT32_MAX).astype(np.int32)
 
 
-def _shift_bias(g: _Graph, node: NodeProto, delta: np.ndarray, rewriter: _Rewriter, symmetric: bool) -> bool:
+def _shift_bias(g: _Graph, node: NodeProto, delta: np.ndarray, rewriter: RewrittenConstants, symmetric: bool) -> bool:
     """Add ``delta`` (per output channel) to a Conv/ConvTranspose/Gemm bias; True when done."""
     channels = delta.shape[0]
     scale = 1.0
@@ -248,7 +249,7 @@ def _bias_add(g: _Graph, out: str) -> tuple[NodeProto, int] | None:
     return None
 
 
-def _shift_matmul(g: _Graph, node: NodeProto, delta: np.ndarray, rewriter: _Rewriter) -> bool:
+def _shift_matmul(g: _Graph, node: NodeProto, delta: np.ndarray, rewriter: RewrittenConstants) -> bool:
     """Add ``delta`` to the constant of a MatMul's bias Add (float, or a uint8 constant re-quantized); True when done."""
     from onnxopt.passes.qdq import activation_params
 
@@ -280,18 +281,16 @@ def _shift_matmul(g: _Graph, node: NodeProto, delta: np.ndarray, rewriter: _Rewr
     return True
 
 
-def correct_biases(model: ModelProto, plan: Plan, rewriter: _Rewriter, builder: Builder, result: PassResult) -> None:
-    """Shift each quantized layer's bias by the per-channel mean error of its output (see the module docstring); in place."""
-    layers = [
-        n.output[0]
-        for n in builder.float_model.graph.node
-        if n.output and n.output[0] in {a.output[0] for a in plan.anchors + plan.weight_only}
-    ]
+def correct_biases(model: ModelProto, layer_outputs: set[str], rewriter: RewrittenConstants, builder: Builder, result: PassResult) -> None:
+    """Shift the bias of each quantized layer (by output name) by the per-channel mean error of its output (see the
+    module docstring); in place."""
+    layers = [n.output[0] for n in builder.float_model.graph.node if n.output and n.output[0] in layer_outputs]
     if not layers:
         return
-    augmented, refs = _with_float_twins(model, builder.float_model, layers)
-    layers = [o for o in layers if o in refs]
-    measured = collect_stats(augmented, layers + [refs[o] for o in layers], builder.data, batch_size=builder.options.batch_size, bins=8)
+    with _float_twins(model, builder.float_model, layers) as refs:
+        layers = [o for o in layers if o in refs]
+        wanted = layers + [refs[o] for o in layers]
+        measured = collect_stats(model, wanted, builder.data, batch_size=builder.options.batch_size, bins=8)
     reference = {o: measured[refs[o]] for o in layers}
     g = _Graph(model)
     done = skipped = 0
@@ -321,36 +320,43 @@ def correct_biases(model: ModelProto, plan: Plan, rewriter: _Rewriter, builder: 
     result.notes.append(f"qdq: bias correction on {done} layers" + (f" ({skipped} without a bias to correct)" if skipped else ""))
 
 
-def _with_float_twins(model: ModelProto, float_model: ModelProto, layers: list[str]) -> tuple[ModelProto, dict[str, str]]:
-    """A copy of the quantized model where each layer has a float twin (float weight and bias, reading the
-    float tensor its Q/DQ input quantizes): the twin's output is the reference the layer's mean is compared to."""
-    augmented = ModelProto()
-    augmented.CopyFrom(model)
-    names = NameGenerator(augmented)
-    have = {t.name for t in augmented.graph.initializer}
+@contextlib.contextmanager
+def _float_twins(model: ModelProto, float_model: ModelProto, layers: list[str]) -> Iterator[dict[str, str]]:
+    """While open, ``model`` (quantized) has a float twin of each layer (float weight and bias, reading the float
+    tensor its Q/DQ input quantizes), whose output is the reference the layer's mean is compared to; yields
+    layer output -> twin output. The twins and the float weights they added are removed on exit (built in place:
+    a copy of the model would cost its size again)."""
+    graph = model.graph
+    names = NameGenerator(model)
+    have = {t.name for t in graph.initializer}
     float_inits = {t.name: t for t in float_model.graph.initializer}
     float_nodes = {n.output[0]: n for n in float_model.graph.node if n.output}
-    produced = {o for n in augmented.graph.node for o in n.output} | {i.name for i in augmented.graph.input}
+    produced = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
     refs: dict[str, str] = {}
     twins = []
+    added = 0
     for out in layers:
         original = float_nodes[out]
+        if any(name and name not in have and name not in produced and name not in float_inits for name in original.input):
+            continue  # it reads a tensor of the float model that the quantized model no longer has
+        for name in original.input:
+            if name and name in float_inits and name not in have:
+                graph.initializer.append(float_inits[name])
+                have.add(name)
+                added += 1
         twin = NodeProto()
         twin.CopyFrom(original)
-        for name in twin.input:
-            if name and name in float_inits and name not in have:
-                augmented.graph.initializer.append(float_inits[name])
-                have.add(name)
-            elif name and name not in have and name not in produced:
-                break  # a tensor of the float model that the quantized model no longer has
-        else:
-            twin.name = names.fresh(f"{original.name or out}_float_twin")
-            del twin.output[:]
-            refs[out] = names.fresh(f"{out}_float_twin")
-            twin.output.append(refs[out])
-            twins.append(twin)
-    augmented.graph.node.extend(twins)
-    return augmented, refs
+        twin.name = names.fresh(f"{original.name or out}_float_twin")
+        del twin.output[:]
+        refs[out] = names.fresh(f"{out}_float_twin")
+        twin.output.append(refs[out])
+        twins.append(twin)
+    graph.node.extend(twins)
+    try:
+        yield refs
+    finally:
+        del graph.node[len(graph.node) - len(twins) :]
+        del graph.initializer[len(graph.initializer) - added :]
 
 
 def _drop_dead(model: ModelProto, replaced: set[str]) -> None:
