@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -136,10 +137,14 @@ def _random_array(rng: np.random.Generator, elem: int, shape: tuple[int, ...], n
 def load_inputs(path: str | os.PathLike[str], model: ModelProto) -> dict[str, np.ndarray]:
     """Inputs from an .npz file, checked against the model's input names."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("it is not an .npz archive (one named array per model input)")
+        with data:
             feeds = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise OnnxoptError(f"cannot read inputs from '{path}': {exc}") from exc
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        message = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise OnnxoptError(f"cannot read inputs from '{path}': {message}") from exc
     wanted = {v.name for v in model_inputs(model)}
     missing = sorted(wanted - set(feeds))
     if missing:

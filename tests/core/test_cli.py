@@ -74,6 +74,28 @@ def test_bad_options_fail_in_one_line_without_output(model_path, tmp_path, args,
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"\x93NUMPY garbage", b"PK\x03\x04 truncated zip", "npy"],
+    ids=["empty", "junk", "truncated-zip", "npy-not-npz"],
+)
+@pytest.mark.parametrize("command", ["optimize", "bench"])
+def test_unreadable_inputs_file_is_one_line(model_path, tmp_path, content, command):
+    inputs = tmp_path / "inputs.npz"
+    if content == "npy":
+        with inputs.open("wb") as handle:
+            np.save(handle, np.zeros((2, 3), np.float32))
+    else:
+        inputs.write_bytes(content)
+    out = tmp_path / "out.onnx"
+    args = [model_path, out, "--verify"] if command == "optimize" else ["bench", model_path, "--runs", 1]
+    result = _run(*args, "--inputs", inputs)
+    assert result.exit_code != 0
+    assert "cannot read inputs from" in result.output and "Traceback" not in result.output
+    assert result.output.strip().count("\n") == 0
+    assert not out.exists()
+
+
 def test_refuses_to_overwrite_the_input(model_path):
     result = _run(model_path, model_path)
     assert result.exit_code != 0 and "never overwritten" in result.output
