@@ -19,6 +19,7 @@ from collections.abc import Callable, Hashable
 from typing import TypeVar
 
 import numpy as np
+from onnx import ModelProto
 
 from onnxopt.errors import OnnxoptError
 
@@ -54,7 +55,7 @@ def gptq_round(
     what: str = "gptq",
 ) -> np.ndarray:
     """The integers of ``weight`` [K, N] rounded by GPTQ in blocks of ``block`` rows (see the module docstring)."""
-    w = weight.astype(np.float64).copy()
+    w = weight.astype(np.float64, copy=True)  # one float64 copy (astype then copy() made two)
     k, n = w.shape
     upper = inverse_factor(hessian, damp, what)
     q = np.empty((k, n), int_dtype)
@@ -74,6 +75,49 @@ def gptq_round(
 
 
 HESSIAN_BYTES = 1 << 30  # float64 Hessians held at once by a calibrated rounding (one calibration sweep per group)
+
+
+def mean_hessian(parts: list[np.ndarray]) -> np.ndarray:
+    """The mean of the Hessians of a weight's readers: the one matrix itself, or a sum built in place (no stacked copy)."""
+    if len(parts) == 1:
+        return parts[0]
+    total = np.array(parts[0], dtype=np.float64, copy=True)
+    for part in parts[1:]:
+        total += part
+    total /= len(parts)
+    return total
+
+
+def available_memory() -> int | None:
+    """Bytes that can be allocated without swapping (Linux ``MemAvailable``), or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_hessian_memory(costs: list[int], what: str, model: ModelProto) -> None:
+    """A one-line error, before any work, when a group of Hessians (``costs``: bytes each) cannot fit in memory.
+
+    Measuring holds each running sum, one batch's matrix and onnxruntime's copy of the weights; rounding the
+    largest holds its damped copy and inverse as well, so the estimate is ``2 * sum + 2 * max`` plus the model's
+    weights. Past the available memory the process would be killed by the kernel halfway, with nothing said.
+    """
+    if not costs:
+        return
+    from onnxopt.io import payload_bytes
+
+    need, have = 2 * sum(costs) + 2 * max(costs) + payload_bytes(model), available_memory()
+    if have is not None and need > have:
+        k = int(round((max(costs) / 8) ** 0.5))
+        raise OnnxoptError(
+            f"{what}: rounding=gptq needs about {need / 2**30:.1f} GiB for its Hessians (the largest at least {k} x {k} "
+            f"float64) but {have / 2**30:.1f} GiB of memory are available; use rounding=nearest or a machine with more memory"
+        )
 
 
 def hessian_groups(costs: dict[Key, int], budget: int | None = None) -> list[list[Key]]:

@@ -35,7 +35,7 @@ from onnxopt.graph import GraphScope, GraphView, is_standard, opset_version
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_patterns, matches_pattern, option
 from onnxopt.passes.contrib_ops import MS_DOMAIN, MS_VERSION
 from onnxopt.passes.fusion_support import elem, gemm_bias_vector, import_domain, replace_nodes, unique
-from onnxopt.passes.gptq import hessian_groups
+from onnxopt.passes.gptq import check_hessian_memory, hessian_groups, mean_hessian
 from onnxopt.passes.noop_rules import NoMatch, constant_tensor, get_attr, require
 from onnxopt.passes.qdq import INT8_MAX, weight_params
 from onnxopt.passes.qdq import quantize_weight as quantize_weight_values
@@ -461,16 +461,18 @@ def _gptq_weights(model: ModelProto, ctx: PassContext, options: DynamicOptions, 
         return {}
     shapes = {w: tuple(constant_tensor(view, w).dims) for w in by_weight}  # type: ignore[union-attr]
     rows = {w: shapes[w][1 if readers[0].trans else 0] for w, readers in by_weight.items()}  # K of the [K, N] weight
-    groups = hessian_groups({w: 8 * k * k * len(by_weight[w]) for w, k in rows.items()})  # one Hessian per layer
+    costs = {w: 8 * k * k * len(by_weight[w]) for w, k in rows.items()}  # one Hessian per layer
+    groups = hessian_groups(costs)
     out: dict[str, Quantized] = {}
     for group in groups:
+        check_hessian_memory([costs[w] for w in group], PASS_NAME, model)
         request = [(layer.node, shapes[w]) for w in group for layer in by_weight[w]]
         per_layer = layer_hessians(model, request, ctx.calibration, batch_size=options.batch_size)
         for weight in group:
             parts = [per_layer[layer_key(layer.node)][0] for layer in by_weight[weight] if layer_key(layer.node) in per_layer]
             if parts:
                 matrix = _weight_matrix(view, weight, by_weight[weight][0].trans)
-                out[weight] = quantize_weight(matrix, options.per_channel, options.reduce_range, np.mean(parts, axis=0), options.damp)
+                out[weight] = quantize_weight(matrix, options.per_channel, options.reduce_range, mean_hessian(parts), options.damp)
     nested = sum(1 for scope in ctx.scopes()[1:] for node in scope.graph.node if node.op_type in ("MatMul", "Gemm"))
     if nested:
         result.notes.append(f"{PASS_NAME}: rounding=gptq: layers inside subgraphs are rounded to nearest")

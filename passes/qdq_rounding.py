@@ -19,7 +19,7 @@ import numpy as np
 from onnx import ModelProto, NodeProto
 
 from onnxopt.calibration.capture import gram_matrices
-from onnxopt.passes.gptq import gptq_round, hessian_groups
+from onnxopt.passes.gptq import check_hessian_memory, gptq_round, hessian_groups
 
 ROWS_PER_SAMPLE = 1024
 INT8_MAX = 127
@@ -133,6 +133,7 @@ def gptq_rounding(
     rounding = GptqRounding()
     costs = {index: hessian_bytes(layer.node, layer.shape) for index, layer in enumerate(layers)}
     for members in hessian_groups(costs):
+        check_hessian_memory([costs[i] for i in members], "qdq", model)
         hessians = layer_hessians(model, [(layers[i].node, layers[i].shape) for i in members], data, batch_size=batch_size)
         rounding.sweeps += 1
         for i in members:

@@ -31,7 +31,7 @@ from onnxopt.graph import GraphScope, GraphView, is_standard, node_label, opset_
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_patterns, option
 from onnxopt.passes.contrib_ops import MS_DOMAIN, MS_VERSION, has_kernel, ort_target
 from onnxopt.passes.fusion_support import elem, gemm_bias_vector, import_domain, replace_nodes, unique
-from onnxopt.passes.gptq import gptq_round, hessian_groups
+from onnxopt.passes.gptq import check_hessian_memory, gptq_round, hessian_groups, mean_hessian
 from onnxopt.passes.noop_rules import NoMatch, constant_tensor, get_attr, require
 from onnxopt.registry import register_pass
 from onnxopt.shapes import StaticType, register_standin
@@ -566,13 +566,15 @@ class WeightOnlyQuantize(Pass):
             result.notes.append(f"{PASS_NAME}: rounding=gptq: {nested} weight(s) inside subgraphs rounded to nearest")
         inputs = [sorted({r.node.input[0] for r in c.readers}) for c in main_candidates]
         rows = [c.tensor.dims[1 if c.trans else 0] for c in main_candidates]  # K of the [K, N] weight
-        for members in hessian_groups({i: 8 * rows[i] ** 2 * len(names) for i, names in enumerate(inputs)}):
+        costs = {i: 8 * rows[i] ** 2 * len(names) for i, names in enumerate(inputs)}
+        for members in hessian_groups(costs):
+            check_hessian_memory([costs[i] for i in members], PASS_NAME, model)
             hessians = collect_hessians(model, sorted({n for i in members for n in inputs[i]}), ctx.calibration)
             for index in members:
                 candidate = main_candidates[index]
                 parts = [hessians.get(r.node.input[0]) for r in candidate.readers]
                 if all(p is not None for p in parts):
-                    hessian = parts[0] if len(parts) == 1 else np.add.reduce(parts) / len(parts)
+                    hessian = mean_hessian(parts)
                     candidate.rounded = gptq_quantize(
                         candidate.canonical(), hessian, options.bits, options.block_size, options.symmetric, options.damp
                     )

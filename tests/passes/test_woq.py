@@ -522,3 +522,16 @@ def test_gptq_in_bounded_groups_gives_the_same_model(monkeypatch):
     assert sweeps == [["x"], ["y"]]  # one calibration sweep per weight's input
     assert counts(split)["weights_int4_gptq"] == 2
     assert split.model.SerializeToString() == whole.model.SerializeToString()
+
+
+@pytest.mark.parametrize("spec", ["woq:min_size=16,rounding=gptq", "int8_dynamic:rounding=gptq", "qdq:rounding=gptq"])
+def test_gptq_without_the_memory_is_a_one_line_error_before_any_work(spec, monkeypatch):
+    """Hessians that cannot fit in the available memory stop the run with one line, not a kernel kill halfway."""
+    import onnxopt.passes.gptq as gptq
+
+    monkeypatch.setattr(gptq, "available_memory", lambda: 1024)
+    with pytest.raises(onnxopt.OnnxoptError, match=r"rounding=gptq needs about .* GiB .* use rounding=nearest") as caught:
+        onnxopt.optimize(matmul_model(rand(K, N)), spec, target="ort-cpu", calibration=correlated_calibration())
+    assert "\n" not in str(caught.value)
+    monkeypatch.setattr(gptq, "available_memory", lambda: None)  # unknown (not Linux): no check
+    onnxopt.optimize(matmul_model(rand(K, N)), spec, target="ort-cpu", calibration=correlated_calibration())
