@@ -449,6 +449,21 @@ def test_matmul_affine_folded(chain, expected, swap):
     assert_equivalent(model, result.model)
 
 
+def test_matmul_affine_folds_into_a_weight_over_a_million_elements():
+    """A 1024 x 1040 weight (over 2**20 elements) takes the per-column scale like a small one."""
+    weight = rand(1024, 1040) * np.float32(0.03)
+    scale = rand(1040)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["m"]),
+        helper.make_node("Mul", ["m", "s"], ["v"]),
+        helper.make_node("Relu", ["v"], ["y"]),
+    ]
+    model = make_model(nodes, [tensor_input("x", [2, 1024])], [tensor_input("y", [2, 1040])], [init("W", weight), init("s", scale)])
+    result = run_pass(model, "fold_matmul_affine")
+    assert op_types(result.model) == ["MatMul", "Relu"]
+    assert_equivalent(model, result.model)
+
+
 def test_matmul_affine_keeps_a_shared_weight_for_its_other_reader():
     model = scaled_model(shared_weight=True)
     result = run_pass(model, "fold_matmul_affine")
