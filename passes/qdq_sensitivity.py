@@ -181,7 +181,7 @@ def _int32(bias: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(ratio), -INT32_MAX, INT32_MAX).astype(np.int32)
 
 
-def _shift_bias(g: _Graph, node: NodeProto, delta: np.ndarray, rewriter: RewrittenConstants, symmetric: bool) -> bool:
+def _shift_bias(g: _Graph, node: NodeProto, delta: np.ndarray, constants: RewrittenConstants, symmetric: bool) -> bool:
     """Add ``delta`` (per output channel) to a Conv/ConvTranspose/Gemm bias; True when done."""
     channels = delta.shape[0]
     scale = 1.0
@@ -189,12 +189,12 @@ def _shift_bias(g: _Graph, node: NodeProto, delta: np.ndarray, rewriter: Rewritt
         if _attr(node, "alpha", 1.0) == 0.0 or _attr(node, "beta", 1.0) == 0.0:
             return False
         scale = float(_attr(node, "beta", 1.0))
-    record = rewriter.int32_biases.get(node.output[0])
+    record = constants.int32_biases.get(node.output[0])
     if record is not None:
         bias, bscale, q_name = record
         new = (bias.astype(np.float64) + delta / scale).astype(np.float32)
         g.store(q_name, _int32(new, bscale))
-        rewriter.int32_biases[node.output[0]] = (new, bscale, q_name)
+        constants.int32_biases[node.output[0]] = (new, bscale, q_name)
         return True
     if len(node.input) >= 3 and node.input[2]:
         bias = g.value(node.input[2])
@@ -218,7 +218,7 @@ def _shift_bias(g: _Graph, node: NodeProto, delta: np.ndarray, rewriter: Rewritt
             "DequantizeLinear", [q_name, s_name], [dq], name=g.names.fresh(f"{node.output[0]}_bias_DequantizeLinear"), axis=0
         )
         g.model.graph.node.insert(0, dq_node)
-        rewriter.int32_biases[node.output[0]] = (new, bscale, q_name)
+        constants.int32_biases[node.output[0]] = (new, bscale, q_name)
     else:
         dq = g.add(f"{node.output[0]}_bias", new)
     while len(node.input) < 2:
@@ -249,7 +249,7 @@ def _bias_add(g: _Graph, out: str) -> tuple[NodeProto, int] | None:
     return None
 
 
-def _shift_matmul(g: _Graph, node: NodeProto, delta: np.ndarray, rewriter: RewrittenConstants) -> bool:
+def _shift_matmul(g: _Graph, node: NodeProto, delta: np.ndarray, constants: RewrittenConstants) -> bool:
     """Add ``delta`` to the constant of a MatMul's bias Add (float, or a uint8 constant re-quantized); True when done."""
     from onnxopt.passes.qdq import activation_params
 
@@ -259,7 +259,7 @@ def _shift_matmul(g: _Graph, node: NodeProto, delta: np.ndarray, rewriter: Rewri
     add, index = found
     name = add.input[index]
     channels = delta.shape[0]
-    record = rewriter.uint8_constants.get(name)
+    record = constants.uint8_constants.get(name)
     if record is not None:
         value, q_name, s_name, z_name = record
         if len(g.readers.get(name, [])) != 1 or value.shape[-1:] not in ((channels,), (1,)) or value.ndim < 1:
@@ -270,7 +270,7 @@ def _shift_matmul(g: _Graph, node: NodeProto, delta: np.ndarray, rewriter: Rewri
         g.store(q_name, q)
         g.store(s_name, params.scale)
         g.store(z_name, params.zero_point)
-        rewriter.uint8_constants[name] = (new, q_name, s_name, z_name)
+        constants.uint8_constants[name] = (new, q_name, s_name, z_name)
         return True
     value = g.value(name)
     if value is None or value.dtype != np.float32 or value.ndim < 1 or value.shape[-1] not in (channels, 1):
@@ -281,7 +281,7 @@ def _shift_matmul(g: _Graph, node: NodeProto, delta: np.ndarray, rewriter: Rewri
     return True
 
 
-def correct_biases(model: ModelProto, layer_outputs: set[str], rewriter: RewrittenConstants, builder: Builder, result: PassResult) -> None:
+def correct_biases(model: ModelProto, layer_outputs: set[str], constants: RewrittenConstants, builder: Builder, result: PassResult) -> None:
     """Shift the bias of each quantized layer (by output name) by the per-channel mean error of its output (see the
     module docstring); in place."""
     layers = [n.output[0] for n in builder.float_model.graph.node if n.output and n.output[0] in layer_outputs]
@@ -308,9 +308,9 @@ def correct_biases(model: ModelProto, layer_outputs: set[str], rewriter: Rewritt
             skipped += 1
             continue
         ok = (
-            _shift_matmul(g, node, delta, rewriter)
+            _shift_matmul(g, node, delta, constants)
             if node.op_type == "MatMul"
-            else _shift_bias(g, node, delta, rewriter, builder.symmetric)
+            else _shift_bias(g, node, delta, constants, builder.symmetric)
         )
         done += ok
         skipped += not ok
