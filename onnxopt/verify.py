@@ -143,8 +143,9 @@ def load_inputs(path: str | os.PathLike[str], model: ModelProto) -> dict[str, np
         with data:
             feeds = {k: data[k] for k in data.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        message = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise OnnxoptError(f"cannot read inputs from '{path}': {message}") from exc
+        from onnxopt.calibration.data import short
+
+        raise OnnxoptError(f"cannot read inputs from '{path}': {short(exc)}") from exc
     wanted = {v.name for v in model_inputs(model)}
     missing = sorted(wanted - set(feeds))
     if missing:
