@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -339,26 +340,15 @@ def find_candidates(view: GraphView, ctx: PassContext, options: WoqOptions) -> t
 # ----------------------------------------------------------------------------- calibration (GPTQ)
 
 
-def collect_hessians(model: ModelProto, names: list[str], calibration: Any) -> dict[str, np.ndarray]:
-    """``X^T X / rows`` (float64, [K, K]) of every main-graph value in ``names``, streamed over calibration batches
-    (:func:`onnxopt.calibration.capture.stream_values`: no copy of the model, progress shown)."""
-    from onnxopt.calibration.capture import stream_values
+def collect_hessians(
+    model: ModelProto, readers: Mapping[str, tuple[NodeProto, tuple[int, ...]]], calibration: Any
+) -> dict[str, np.ndarray]:
+    """``X^T X / rows`` (float64, [K, K]) of every main-graph value in ``readers`` (name -> a node reading it as input 0,
+    and that node's weight shape), from every row of every calibration batch
+    (:func:`onnxopt.calibration.capture.gram_matrices`, which honours a Gemm's transA)."""
+    from onnxopt.calibration.capture import gram_matrices
 
-    sums: dict[str, np.ndarray] = {}
-    rows: Counter = Counter()
-    for values in stream_values(model, names, calibration, batch_size=CALIB_BATCH):
-        for name in names:
-            x = np.asarray(values[name], dtype=np.float64).reshape(-1, np.shape(values[name])[-1])
-            gram = x.T @ x
-            if name in sums:
-                sums[name] += gram  # in place: a [K, K] float64 matrix can be gigabytes
-            else:
-                sums[name] = gram
-            del gram
-            rows[name] += x.shape[0]
-    for name, total in sums.items():
-        total /= max(rows[name], 1)
-    return {name: total for name, total in sums.items() if rows[name]}
+    return {name: matrix[0] for name, matrix in gram_matrices(model, readers, calibration, batch_size=CALIB_BATCH).items()}
 
 
 # ----------------------------------------------------------------------------- rewriting
@@ -565,11 +555,16 @@ class WeightOnlyQuantize(Pass):
         if nested:
             result.notes.append(f"{PASS_NAME}: rounding=gptq: {nested} weight(s) inside subgraphs rounded to nearest")
         inputs = [sorted({r.node.input[0] for r in c.readers}) for c in main_candidates]
+        first_reader: dict[str, tuple[NodeProto, tuple[int, ...]]] = {}  # an input's Hessian: its first reader's rows
+        for candidate in main_candidates:
+            for reader in candidate.readers:
+                first_reader.setdefault(reader.node.input[0], (reader.node, tuple(candidate.tensor.dims)))
         rows = [c.tensor.dims[1 if c.trans else 0] for c in main_candidates]  # K of the [K, N] weight
         costs = {i: 8 * rows[i] ** 2 * len(names) for i, names in enumerate(inputs)}
         for members in hessian_groups(costs):
             check_hessian_memory([costs[i] for i in members], PASS_NAME, model)
-            hessians = collect_hessians(model, sorted({n for i in members for n in inputs[i]}), ctx.calibration)
+            names = sorted({n for i in members for n in inputs[i]})
+            hessians = collect_hessians(model, {n: first_reader[n] for n in names}, ctx.calibration)
             for index in members:
                 candidate = main_candidates[index]
                 parts = [hessians.get(r.node.input[0]) for r in candidate.readers]
