@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from onnx import ModelProto
 
-from onnxopt.errors import OnnxoptError, OptionError, RequirementError
+from onnxopt.errors import OnnxoptError, OptionError, RequirementError, one_line
 from onnxopt.ort import import_onnxruntime
 from onnxopt.verify import create_session, generate_inputs, load_inputs, model_inputs
 
@@ -44,7 +44,7 @@ def ort_session(model: ModelSource, *, threads: int = 1, provider: str = "cpu") 
     except OnnxoptError:
         raise
     except Exception as exc:  # noqa: BLE001  (onnxruntime raises several types for bad models)
-        raise OnnxoptError(f"onnxruntime cannot load the model: {' '.join(str(exc).split())[:300]}") from exc
+        raise OnnxoptError(f"onnxruntime cannot load the model: {one_line(exc, 300)}") from exc
 
 
 def interleaved_times(
@@ -175,7 +175,7 @@ def _ort_call(name: str, session: Any, feeds: Mapping[str, Any]) -> Callable[[],
     try:
         call()
     except Exception as exc:  # noqa: BLE001
-        raise OnnxoptError(f"onnxruntime failed to run '{name}': {' '.join(str(exc).split())[:300]}") from exc
+        raise OnnxoptError(f"onnxruntime failed to run '{name}': {one_line(exc, 300)}") from exc
     return call
 
 

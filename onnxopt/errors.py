@@ -8,13 +8,24 @@ line and exits non-zero; anything else is an internal error.
 from __future__ import annotations
 
 
+def one_line(error: object, limit: int | None = 300) -> str:
+    """``error`` (an exception or text) as one line of at most ``limit`` characters (None: any length).
+
+    An exception without text gives its type's name.
+    """
+    text = " ".join(str(error).split())[:limit]
+    if not text and isinstance(error, BaseException):
+        return type(error).__name__
+    return text
+
+
 class OnnxoptError(Exception):
     """A problem with the user's input, reported as one line without a traceback."""
 
     exit_code = 1
 
     def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
+        super().__init__(one_line(message, None))
 
 
 class ModelLoadError(OnnxoptError):

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from onnx import ModelProto
 
 from onnxopt.analysis import analyze
-from onnxopt.errors import InvalidModelError, OnnxoptError, RequirementError
+from onnxopt.errors import InvalidModelError, OnnxoptError, RequirementError, one_line
 from onnxopt.graph import iter_scopes
 from onnxopt.io import payload_bytes
 from onnxopt.passbase import TARGETS, Pass, PassContext, PassResult, Requirement
@@ -194,7 +194,7 @@ class PassManager:
     def _rollback(
         self, p: Pass, ctx: PassContext, checkpoint: ModelProto | None, exc: BaseException, step: int, iteration: int, t0: float
     ) -> PassResult:
-        message = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        message = f"{type(exc).__name__}: {one_line(exc, 300)}"
         if not self.isolate:
             raise OnnxoptError(f"pass '{p.name}' failed: {message}") from exc
         if checkpoint is None:

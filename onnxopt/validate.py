@@ -12,7 +12,7 @@ import logging
 import onnx
 from onnx import ModelProto
 
-from onnxopt.errors import InvalidModelError
+from onnxopt.errors import InvalidModelError, one_line
 from onnxopt.graph import STANDARD_DOMAINS, iter_scopes, node_label
 from onnxopt.toposort import sort_graph
 
@@ -90,7 +90,7 @@ def check_types(model: ModelProto) -> str | None:
     try:
         onnx.shape_inference.infer_shapes(light_copy(model), check_type=True, strict_mode=True)
     except Exception as exc:  # onnx raises several exception types here
-        return " ".join(str(exc).split())
+        return one_line(exc, None)
     return None
 
 
@@ -119,8 +119,7 @@ def validate_model(model: ModelProto, *, types: bool = True) -> list[str]:
     try:
         onnx.checker.check_model(_checker_view(model))
     except onnx.checker.ValidationError as exc:
-        message = " ".join(str(exc).split())
-        raise InvalidModelError(f"invalid model: {message[:500]}") from exc
+        raise InvalidModelError(f"invalid model: {one_line(exc, 500)}") from exc
     if types:
         problem = check_types(model)
         if problem is not None:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from onnx import ModelProto, TensorProto, helper
 
-from onnxopt.errors import OnnxoptError, VerificationError
+from onnxopt.errors import OnnxoptError, VerificationError, one_line
 from onnxopt.ort import make_session
 
 InputShapes = Mapping[str, tuple[int, ...]]
@@ -143,9 +143,7 @@ def load_inputs(path: str | os.PathLike[str], model: ModelProto) -> dict[str, np
         with data:
             feeds = {k: data[k] for k in data.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        from onnxopt.calibration.data import short
-
-        raise OnnxoptError(f"cannot read inputs from '{path}': {short(exc)}") from exc
+        raise OnnxoptError(f"cannot read inputs from '{path}': {one_line(exc, 200)}") from exc
     wanted = {v.name for v in model_inputs(model)}
     missing = sorted(wanted - set(feeds))
     if missing:
@@ -187,7 +185,7 @@ def run_model(model: ModelProto, feeds: Mapping[str, Any], session=None) -> dict
     try:
         values = session.run(names, dict(feeds))
     except Exception as exc:
-        raise OnnxoptError(f"onnxruntime failed to run the model: {' '.join(str(exc).split())[:400]}") from exc
+        raise OnnxoptError(f"onnxruntime failed to run the model: {one_line(exc, 400)}") from exc
     return dict(zip(names, values))
 
 

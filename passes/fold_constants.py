@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
-from onnxopt.errors import OptionError
+from onnxopt.errors import OptionError, one_line
 from onnxopt.graph import GraphScope, is_standard, opset_version
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, option
 from onnxopt.passes.constants import constant_value
@@ -335,7 +335,7 @@ class _GraphFolder:
         try:
             arrays = run_onnxruntime(self._model(nodes, wanted), wanted)
         except Exception as exc:  # onnxruntime lacks some ops and types
-            log.debug("fold_constants: a batch of %d nodes failed: %s", len(nodes), " ".join(str(exc).split())[:200])
+            log.debug("fold_constants: a batch of %d nodes failed: %s", len(nodes), one_line(exc, 200))
             return False
         results = dict(zip(wanted, arrays))
         bad = [idx for idx, allowance in chunk if not self._check(self.nodes[idx], results, allowance, reference=False)]
@@ -356,7 +356,7 @@ class _GraphFolder:
         try:
             arrays = run_onnxruntime(model, outputs)
         except Exception as exc:
-            log.debug("fold_constants: onnxruntime cannot evaluate %s: %s", node.op_type, " ".join(str(exc).split())[:200])
+            log.debug("fold_constants: onnxruntime cannot evaluate %s: %s", node.op_type, one_line(exc, 200))
             if sum(self.consts[name].count for name in node.input if name) <= REFERENCE_LIMIT:
                 reference = True
                 try:

@@ -8,7 +8,7 @@ import onnx
 from onnx import ModelProto
 from onnx.version_converter import convert_version
 
-from onnxopt.errors import OnnxoptError, OptionError
+from onnxopt.errors import OnnxoptError, OptionError, one_line
 from onnxopt.graph import opset_version
 from onnxopt.io import serialized_size
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, option
@@ -76,7 +76,7 @@ class UpgradeOpset(Pass):
         try:
             converted = convert_opset(model, options.version)
         except Exception as exc:  # the converter raises many types
-            message = " ".join(str(exc).split())[:300]
+            message = one_line(exc, 300)
             raise OnnxoptError(
                 f"upgrade_opset: onnx's version converter cannot take this model from opset {current} to {options.version}: {message}"
             ) from exc
@@ -97,7 +97,7 @@ def _check_same_outputs(before: ModelProto, after: ModelProto, old: int, new: in
         feeds, _ = generate_inputs(before)
         session = create_session(before)
     except Exception as exc:  # custom ops, non-tensor inputs: the original cannot be run here
-        return f"upgrade_opset: conversion not verified, onnxruntime cannot run the original ({' '.join(str(exc).split())[:200]})"
+        return f"upgrade_opset: conversion not verified, onnxruntime cannot run the original ({one_line(exc, 200)})"
     comparison = compare_outputs(run_model(before, feeds, session), run_model(after, feeds), "fp32")
     if not comparison.passed:
         bad = comparison.failures()[0]

@@ -43,7 +43,7 @@ import onnx
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from onnxopt.calibration import RANGE_METHODS, CalibrationData, TensorStats, collect_stats, compute_range
-from onnxopt.errors import OnnxoptError, OptionError
+from onnxopt.errors import OnnxoptError, OptionError, one_line
 from onnxopt.graph import GraphView, NameGenerator, opset_version
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_patterns, option
 from onnxopt.passes.fusion_support import const_name
@@ -419,12 +419,12 @@ def _upgrade(model: ModelProto, ctx: PassContext, version: int) -> str | None:
     try:
         converted = convert_opset(model, PER_CHANNEL_OPSET)
     except Exception as exc:  # the converter raises many types
-        return "onnx's version converter failed: " + " ".join(str(exc).split())[:160]
+        return "onnx's version converter failed: " + one_line(exc, 160)
     try:
         feeds = ctx.calibration.first_batch(1)
         check = compare_outputs(run_model(model, feeds), run_model(converted, feeds), "fp32")
     except Exception as exc:  # noqa: BLE001 - onnxruntime cannot run one of them
-        return "the converted model could not be checked: " + " ".join(str(exc).split())[:160]
+        return "the converted model could not be checked: " + one_line(exc, 160)
     if not check.passed:
         return "the converted model computes different outputs"
     model.CopyFrom(converted)

@@ -38,7 +38,7 @@ from onnx import ModelProto, TensorProto, TypeProto, helper, numpy_helper
 
 import onnxopt
 from models.real import cache_root
-from onnxopt.errors import VerificationError
+from onnxopt.errors import VerificationError, one_line
 from onnxopt.graph import GraphScope
 from onnxopt.manager import PassManager
 from onnxopt.passbase import Pass, PassContext, PassResult
@@ -261,7 +261,7 @@ class Outcome:
 
 
 def _short(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    return f"{type(exc).__name__}: {one_line(exc, 300)}"
 
 
 DataSets = list[tuple[dict[str, Any], list[Any]]]

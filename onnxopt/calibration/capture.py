@@ -18,7 +18,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from onnx import ModelProto, NodeProto, ValueInfoProto
 
-from onnxopt.calibration.data import CalibrationData, CalibrationError, short
+from onnxopt.calibration.data import CalibrationData, CalibrationError
+from onnxopt.errors import one_line
 
 LAYER_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 
@@ -39,7 +40,7 @@ def probe_session(model: ModelProto, names: Sequence[str], *, threads: int = 1, 
     try:
         return create_session(model, threads=threads)
     except Exception as exc:
-        raise CalibrationError(f"onnxruntime cannot load the model {what}: {short(exc)}") from exc
+        raise CalibrationError(f"onnxruntime cannot load the model {what}: {one_line(exc, 200)}") from exc
     finally:
         del graph.output[len(graph.output) - len(added) :]
 
@@ -81,7 +82,7 @@ def stream_values(
         try:
             values = dict(zip(run_names, session.run(run_names, feeds))) if run_names else {}
         except Exception as exc:
-            raise CalibrationError(f"onnxruntime failed on a calibration batch: {short(exc)}") from exc
+            raise CalibrationError(f"onnxruntime failed on a calibration batch: {one_line(exc, 200)}") from exc
         values.update((n, np.asarray(feeds[n])) for n in wanted if n in inputs)
         yield values
         if data.progress is not None:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 from onnx import ModelProto, helper
 
-from onnxopt.errors import OnnxoptError
+from onnxopt.errors import OnnxoptError, one_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 ARRAY_SUFFIXES = (".npy", ".npz")
@@ -165,7 +165,7 @@ def _read_headers(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, np.
                     shape, dtype = _npy_header(handle)
                 shapes[member[:-4]], dtypes[member[:-4]] = shape, dtype
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise CalibrationError(f"{label}: cannot read calibration arrays ({short(exc)})") from exc
+        raise CalibrationError(f"{label}: cannot read calibration arrays ({one_line(exc, 200)})") from exc
     if not shapes:
         raise CalibrationError(f"{label}: the archive holds no arrays")
     if any(d.hasobject for d in dtypes.values()):
@@ -181,12 +181,7 @@ def _read_file(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             return {name: data[name] for name in names}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as exc:
-        raise CalibrationError(f"{path}: cannot read calibration arrays ({short(exc)})") from exc
-
-
-def short(exc: BaseException) -> str:
-    """An exception as one short line."""
-    return " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise CalibrationError(f"{path}: cannot read calibration arrays ({one_line(exc, 200)})") from exc
 
 
 def _file_source(path: Path, specs: list[_InputSpec]) -> _Source:
@@ -313,7 +308,7 @@ def _image_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as image:
             return image.size  # (width, height)
     except (OSError, ValueError, SyntaxError) as exc:
-        raise CalibrationError(f"{path}: cannot read image ({short(exc)})") from exc
+        raise CalibrationError(f"{path}: cannot read image ({one_line(exc, 200)})") from exc
 
 
 def _load_image(path: Path, prep: Preprocess, size_hw: tuple[int, int] | None, dtype: np.dtype) -> np.ndarray:
@@ -325,7 +320,7 @@ def _load_image(path: Path, prep: Preprocess, size_hw: tuple[int, int] | None, d
                 image = image.resize((size_hw[1], size_hw[0]), Image.Resampling.BILINEAR)
             pixels = np.asarray(image, dtype=np.float32)
     except (OSError, ValueError, SyntaxError) as exc:
-        raise CalibrationError(f"{path}: cannot read image ({short(exc)})") from exc
+        raise CalibrationError(f"{path}: cannot read image ({one_line(exc, 200)})") from exc
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     if prep.color == "BGR":
@@ -461,7 +456,7 @@ class CalibrationData:
                 key=lambda p: p.relative_to(folder).as_posix(),
             )
         except OSError as exc:
-            raise CalibrationError(f"{folder}: cannot list the calibration folder ({short(exc)})") from exc
+            raise CalibrationError(f"{folder}: cannot list the calibration folder ({one_line(exc, 200)})") from exc
         arrays = [p for p in entries if p.suffix.lower() in ARRAY_SUFFIXES]
         images = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
         skipped = len(entries) - len(arrays) - len(images)

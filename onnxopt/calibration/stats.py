@@ -17,7 +17,8 @@ import numpy as np
 from onnx import ModelProto
 
 from onnxopt.calibration.capture import probe_session
-from onnxopt.calibration.data import FLOAT_TYPES, CalibrationData, CalibrationError, short
+from onnxopt.calibration.data import FLOAT_TYPES, CalibrationData, CalibrationError
+from onnxopt.errors import one_line
 
 
 @dataclass
@@ -197,7 +198,7 @@ def collect_stats(
             try:
                 values = session.run(run_names, feeds)
             except Exception as exc:
-                raise CalibrationError(f"onnxruntime failed on a calibration batch: {short(exc)}") from exc
+                raise CalibrationError(f"onnxruntime failed on a calibration batch: {one_line(exc, 200)}") from exc
             for name, value in zip(run_names, values):
                 if sweep == 0:
                     accs[name].update_range(value)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from onnxopt.errors import InvalidModelError, OnnxoptError
+from onnxopt.errors import InvalidModelError, OnnxoptError, one_line
 
 log = logging.getLogger("onnxopt")
 
@@ -77,7 +77,7 @@ def run_cli(func, debug: bool) -> None:
     except Exception as exc:  # a bug: still one line unless debugging
         if debug:
             raise
-        text = " ".join(str(exc).split())[:300]
+        text = one_line(exc, 300)
         _fail(f"internal error ({type(exc).__name__}: {text}); rerun with --debug for the traceback", 70)
 
 

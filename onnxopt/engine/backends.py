@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from onnxopt.errors import OnnxoptError, OptionError, RequirementError
+from onnxopt.errors import OnnxoptError, OptionError, RequirementError, one_line
 
 BACKENDS = ("auto", "tensorrt", "tensorrt-rtx")
 
@@ -112,7 +112,7 @@ def _try_load(name: str) -> tuple[Backend | None, str]:
             reasons.append(f"{module_name}: {exc}")
             continue
         except Exception as exc:  # noqa: BLE001  (a broken install: missing shared libraries, stub wheels)
-            reasons.append(f"{module_name} failed to load ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})")
+            reasons.append(f"{module_name} failed to load ({type(exc).__name__}: {one_line(exc, 160)})")
             continue
         if not hasattr(module, "Builder") or not hasattr(module, "OnnxParser"):
             reasons.append(f"{module_name} has no Builder/OnnxParser (a stub package?)")
@@ -227,7 +227,7 @@ def make_logger(backend: Backend) -> Any:
             self.warnings: list[str] = []
 
         def log(self, severity, msg) -> None:  # noqa: ANN001
-            text = " ".join(str(msg).split())
+            text = one_line(msg, None)
             if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
                 self.errors.append(text)
             elif severity == trt.ILogger.Severity.WARNING:

@@ -18,7 +18,7 @@ import numpy as np
 from onnx import ModelProto, numpy_helper
 
 from onnxopt.engine.backends import Backend, load_backend, make_logger, quiet_stdout
-from onnxopt.errors import OnnxoptError
+from onnxopt.errors import OnnxoptError, one_line
 
 _STANDARD_DOMAINS = ("", "ai.onnx")
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -157,7 +157,7 @@ def _op_types(model: ModelProto) -> dict[str, str]:
 
 
 def _message(desc: str, op_type: str) -> str:
-    text = " ".join(str(desc).split())
+    text = one_line(desc, None)
     if text.startswith("Assertion failed: "):
         text = text[len("Assertion failed: ") :]
     if text in ("", "false", "0"):
