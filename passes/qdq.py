@@ -48,7 +48,7 @@ from onnxopt.graph import GraphView, NameGenerator, opset_version
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_patterns, option
 from onnxopt.passes.fusion_support import const_name
 from onnxopt.passes.qdq_gather import quantize_gathers
-from onnxopt.passes.qdq_placement import Plan, Planner, float_map
+from onnxopt.passes.qdq_placement import Plan, Planner, float_map, slow_int8_convs
 from onnxopt.passes.qdq_rounding import GptqLayer, GptqRounding, eligible, gptq_rounding
 from onnxopt.registry import register_pass
 
@@ -88,6 +88,11 @@ class QdqOptions(PassOptions):
     damp: float = option(0.01, "gptq: Hessian damping as a fraction of its mean diagonal")
     embeddings: bool = option(True, "ort-cpu/portable: store Gather tables of >= 65536 values as int8 (rows dequantized after lookup)")
     equalize: bool = option(True, "even out the channel ranges of Conv -> Conv tensors first (exact in float; see qdq_equalize)")
+    slow_convs: bool = option(
+        False,
+        "ort-cpu: also quantize the activations of the convolutions onnxruntime runs slower in int8 than in float "
+        "(3x3 stems on RGB/grey input, depthwise convs over < 32 channels); by default they compute in float with int8 weights",
+    )
 
     def validate(self) -> None:
         """Check the method, percentile, batch sizes and exclusion patterns."""
@@ -259,7 +264,8 @@ class QuantizeQDQ(Pass):
         float_model = model  # read only until the quantized model replaces it (a copy would cost the model's size again)
         view = GraphView.build(float_model.graph)
         is_float = float_map(view, ctx.types)
-        planner = Planner(view, is_float, target=target, exclude=options.exclude, keep_outputs=options.keep_outputs)
+        slow = slow_int8_convs(view) if target == "ort-cpu" and not options.slow_convs else frozenset()
+        planner = Planner(view, is_float, target=target, exclude=options.exclude, keep_outputs=options.keep_outputs, weight_only_nodes=slow)
         plan = planner.plan()
         if not plan.tensors and not plan.anchors and not plan.weight_only:
             result.notes.append("qdq: no quantizable layer found")
@@ -271,7 +277,7 @@ class QuantizeQDQ(Pass):
         blocked: set[str] = set()
         for name in _concat_guard(plan, stats, options.concat_ratio, result):
             blocked |= planner.downstream(name)
-        builder = Builder(float_model, is_float, options, target, blocked, stats, data, method=method, per_channel=per_channel)
+        builder = Builder(float_model, is_float, options, target, blocked, stats, data, method=method, per_channel=per_channel, slow=slow)
         if options.rounding == "gptq":
             builder.rounding = _gptq(float_model, view, plan, data, options, per_channel, result)
         keep: frozenset[int] = frozenset()
@@ -281,6 +287,7 @@ class QuantizeQDQ(Pass):
             keep = choose_float_layers(builder, result)
         built, final_plan, rewriter = builder.build(keep, result, weights=True)
         layer_outputs = {n.output[0] for n in final_plan.anchors + final_plan.weight_only}
+        _note_slow(final_plan, {view.nodes[i].output[0] for i in slow}, result)
         constants = RewrittenConstants(rewriter.int32_biases, rewriter.uint8_constants)
         # a fresh copy holds only what the rewrite kept: deleting the float weights from ``built`` does not free the
         # memory protobuf allocated for them, nor does anything while a node of it (in the plan) is referenced
@@ -325,16 +332,19 @@ class Builder:
         *,
         method: str,
         per_channel: bool,
+        slow: frozenset[int] = frozenset(),
     ) -> None:
         self.float_model, self.is_float, self.options, self.target = float_model, is_float, options, target
         self.blocked, self.stats, self.data, self.method, self.per_channel = blocked, stats, data, method, per_channel
         self.symmetric = target != "ort-cpu"
         self.inputs = frozenset(i.name for i in float_model.graph.input)
         self.rounding: GptqRounding | None = None  # rounding=gptq; shared by every build of the sensitivity search
+        self.slow = slow  # ort-cpu: positions of the convs onnxruntime runs slower in int8 (float compute, int8 weights)
 
     def planner(self, view: GraphView, keep: frozenset[int] = frozenset(), *, weights: bool = False) -> Planner:
         """The planner of ``view`` with the anchors at positions ``keep`` left float (``weights``: with int8 weights on ort-cpu)."""
         o = self.options
+        keep = keep | self.slow
         hard, soft = (frozenset(), keep) if weights and not self.symmetric else (keep, frozenset())
         return Planner(
             view,
@@ -395,6 +405,18 @@ def _gptq(
     sweeps = f" ({rounding.sweeps} calibration sweeps)" if rounding.sweeps > 1 else ""
     result.notes.append(f"qdq: gptq rounding of {len(rounding.rounded)} weights{sweeps}")
     return rounding
+
+
+def _note_slow(plan: Plan, slow_outputs: set[str], result: PassResult) -> None:
+    """Count and name the convolutions (by output) kept float because onnxruntime runs them slower in int8."""
+    kept = [n for n in plan.weight_only if n.output[0] in slow_outputs]
+    if kept:
+        result.count("slow_convs_float", len(kept))
+        shown = ", ".join(n.name or n.output[0] for n in kept[:3]) + (", ..." if len(kept) > 3 else "")
+        result.notes.append(
+            f"qdq: {len(kept)} convolution(s) that onnxruntime runs slower in int8 compute in float with int8 weights "
+            f"({shown}; slow_convs=true quantizes them)"
+        )
 
 
 def _fuse_float_activations(model: ModelProto, ctx: PassContext, result: PassResult) -> None:

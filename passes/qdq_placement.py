@@ -29,6 +29,11 @@ ORT_INT8 = {"Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "MaxPool
 # ops whose output keeps its input's quantization (onnxruntime drops the Q/DQ around them)
 ORT_SAME_SCALE = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "MaxPool", "Resize", "Slice", "Gather"}
 ABSORBED = ("Relu", "Clip")
+# ort-cpu: convolutions onnxruntime's uint8 kernels run slower than its float ones (benchmarks/README.md, "slow int8
+# convolutions"): a spatial kernel with fewer multiply-adds per output value (its im2col GEMM is too shallow; RGB and
+# grey stems), and a depthwise kernel over fewer channels (it vectorizes over channels)
+SLOW_INT8_MACS = 64
+SLOW_INT8_DEPTHWISE = 32
 # which inputs of an op are the data (activations) that are quantized
 DATA_INPUTS = {"Resize": (0,), "Reshape": (0,), "Squeeze": (0,), "Unsqueeze": (0,), "Slice": (0,), "Gather": (0,), "Clip": (0,)}
 
@@ -352,6 +357,30 @@ class Planner:
             return None
         number = float(value.reshape(-1)[0])
         return number if 0 < number < float("inf") and value.ndim <= 1 else None
+
+
+def slow_int8_convs(view: GraphView) -> frozenset[int]:
+    """ort-cpu: positions of the Convs with a constant weight that onnxruntime runs slower in uint8 than in float.
+
+    Those are spatial convolutions with fewer than ``SLOW_INT8_MACS`` multiply-adds per output value (Cin x kernel
+    area: a 3x3 stem on RGB or grey input) and depthwise ones over fewer than ``SLOW_INT8_DEPTHWISE`` channels.
+    """
+    slow = set()
+    for position, node in enumerate(view.nodes):
+        if node.op_type != "Conv" or not is_standard(node) or len(node.input) < 2 or not view.is_constant(node.input[1]):
+            continue
+        dims = list(view.initializers[node.input[1]].dims)
+        if len(dims) < 3:
+            continue
+        area = 1
+        for d in dims[2:]:
+            area *= d
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if group == 1 and area > 1 and dims[1] * area < SLOW_INT8_MACS:
+            slow.add(position)
+        elif group > 1 and dims[1] == 1 and group < SLOW_INT8_DEPTHWISE:
+            slow.add(position)
+    return frozenset(slow)
 
 
 def float_map(view: GraphView, types: dict) -> dict[str, bool]:

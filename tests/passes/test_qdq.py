@@ -271,7 +271,8 @@ def test_concat_range_guard_keeps_output_path_float() -> None:
 
 def test_ort_cpu_structure() -> None:
     model = resnet_block()
-    out = quantize(model, "ort-cpu", "bias_correction=false").model
+    # conv1 is a 3x3 conv on 3 channels, which ort-cpu computes in float by default (test_slow_convs_...)
+    out = quantize(model, "ort-cpu", "bias_correction=false,slow_convs=true").model
     values = inits(out)
     prod = producers(out)
     conv1, conv2, fc = (node_named(out, n) for n in ("conv1", "conv2", "fc"))
@@ -535,14 +536,14 @@ def sensitivity_notes(result: onnxopt.OptimizeResult) -> list[str]:
 @pytest.mark.parametrize("target", ["trt", "ort-cpu"])
 def test_sensitivity_ranking_and_keep_float(target: str) -> None:
     model = resnet_block()
-    ranked = quantize(model, target, "keep_outputs=false,sensitivity=true,bias_correction=false")
+    ranked = quantize(model, target, "keep_outputs=false,sensitivity=true,bias_correction=false,slow_convs=true")
     lines = sensitivity_notes(ranked)
     assert len(lines) == 3  # conv1, conv2, fc: one line each
     assert [int(line.split("#")[1].split()[0]) for line in lines] == [1, 2, 3]
     errors = [float(line.split("1-cos ")[1].split()[0]) for line in lines]
     assert errors == sorted(errors, reverse=True)
     top = lines[0].split("'")[1]
-    kept = quantize(model, target, "keep_outputs=false,keep_float=1,bias_correction=false")
+    kept = quantize(model, target, "keep_outputs=false,keep_float=1,bias_correction=false,slow_convs=true")
     out = kept.model
     node = node_named(out, top)
     source = producers(out).get(node.input[0])
@@ -606,7 +607,7 @@ def test_within_share_picks_by_error_per_mac() -> None:
 @pytest.mark.parametrize("target", ["trt", "ort-cpu"])
 def test_float_share_keeps_layers_within_the_mac_share(target: str) -> None:
     model = resnet_block()
-    result = quantize(model, target, "keep_outputs=false,float_share=0.3,bias_correction=false")
+    result = quantize(model, target, "keep_outputs=false,float_share=0.3,bias_correction=false,slow_convs=true")
     summary = next(w for w in result.report.notes if "sensitivity of" in w)
     share = float(summary.split("(")[-1].split("%")[0]) / 100
     assert "of the quantized layers' MACs" in summary and 0 < share <= 0.3
