@@ -48,7 +48,7 @@ from onnxopt.graph import GraphView, NameGenerator, opset_version
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_patterns, option
 from onnxopt.passes.fusion_support import const_name
 from onnxopt.passes.qdq_gather import quantize_gathers
-from onnxopt.passes.qdq_placement import Plan, Planner, float_map, slow_int8_convs
+from onnxopt.passes.qdq_placement import MAX_QUANTIZED_MAGNITUDE, Plan, Planner, float_map, slow_int8_convs
 from onnxopt.passes.qdq_rounding import GptqLayer, GptqRounding, eligible, gptq_rounding
 from onnxopt.registry import register_pass
 
@@ -274,7 +274,7 @@ class QuantizeQDQ(Pass):
         if options.bias_correction:
             wanted += [n.output[0] for n in plan.anchors + plan.weight_only if n.output[0] not in wanted]
         stats = collect_stats(float_model, wanted, data, batch_size=options.batch_size)
-        blocked: set[str] = set()
+        blocked: set[str] = set(_range_guard(plan, stats, result))
         for name in _concat_guard(plan, stats, options.concat_ratio, result):
             blocked |= planner.downstream(name)
         builder = Builder(float_model, is_float, options, target, blocked, stats, data, method=method, per_channel=per_channel, slow=slow)
@@ -453,6 +453,19 @@ def _upgrade(model: ModelProto, ctx: PassContext, version: int) -> str | None:
     return None
 
 
+def _range_guard(plan: Plan, stats: dict[str, TensorStats], result: PassResult) -> list[str]:
+    """Planned tensors that hold inf/NaN or values beyond MAX_QUANTIZED_MAGNITUDE in calibration (masks): left float, with a note."""
+    blocked = [
+        name for name in plan.tensors if name in stats and (stats[name].nonfinite > 0 or stats[name].absmax > MAX_QUANTIZED_MAGNITUDE)
+    ]
+    if blocked:
+        shown = ", ".join(f"'{n}'" for n in blocked[:3]) + (", ..." if len(blocked) > 3 else "")
+        limit = f"{MAX_QUANTIZED_MAGNITUDE:g}"
+        result.notes.append(f"qdq: {len(blocked)} tensor(s) hold inf/NaN or values beyond {limit} ({shown}); left float")
+        result.count("masks_kept_float", len(blocked))
+    return blocked
+
+
 def _concat_guard(plan: Plan, stats: dict[str, TensorStats], ratio: float, result: PassResult) -> list[str]:
     """Concat outputs whose inputs' absolute ranges differ by more than ``ratio`` (left float, with a note)."""
     blocked = []
@@ -594,6 +607,7 @@ class _Rewriter:
         folded: dict[int, NodeProto | None] = {}
         for node in view.nodes:
             if id(node) in plan.removed:
+                self.replaced.update(i for i in node.input if i in view.initializers)  # its factor, unused once folded
                 readers = [r for r in view.consumers.get(node.output[0], []) if id(r) not in plan.removed]
                 if not readers and node.output[0] not in view.graph_outputs:
                     folded[id(node)] = None  # only read by another folded Mul

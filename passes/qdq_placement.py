@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 from onnx import NodeProto, TensorProto
 
 from onnxopt.graph import GraphView, is_standard
@@ -29,6 +30,11 @@ ORT_INT8 = {"Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "MaxPool
 # ops whose output keeps its input's quantization (onnxruntime drops the Q/DQ around them)
 ORT_SAME_SCALE = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "MaxPool", "Resize", "Slice", "Gather"}
 ABSORBED = ("Relu", "Clip")
+# ort-cpu: readers that take an int8 tensor (through its DequantizeLinear) into a uint8 kernel; an int8 op none of whose
+# readers is one of these stays float (a quantized Add before a Softmax would round the scores to the mask's scale)
+INT8_READERS = frozenset({*ANCHORS, *ORT_INT8, *ORT_SAME_SCALE, *ABSORBED})
+# constants beyond this magnitude (or not finite) are masks and sentinels, not values 8 bits can hold
+MAX_QUANTIZED_MAGNITUDE = 1e30
 # ort-cpu: convolutions onnxruntime's uint8 kernels run slower than its float ones (benchmarks/README.md, "slow int8
 # convolutions"): a spatial kernel with fewer multiply-adds per output value (its im2col GEMM is too shallow; RGB and
 # grey stems), and a depthwise kernel over fewer channels (it vectorizes over channels)
@@ -306,7 +312,7 @@ class Planner:
             if not acts or any(a in keep for a in acts):
                 continue
             consts = [d for d in data if d not in acts]
-            if consts and op not in ("Add", "Mul", "Concat"):
+            if consts and (op not in ("Add", "Mul", "Concat") or not all(self.bounded_constant(c) for c in consts)):
                 continue
             if op == "Mul" and len(acts) == 1 and acts[0] in quantized and node.output[0] not in view.graph_outputs:
                 factor = self.positive_scalar(consts[0]) if len(consts) == 1 else None
@@ -322,6 +328,8 @@ class Planner:
                         plan.removed.add(id(node))
                         quantized.add(node.output[0])
                         continue
+            if not self._feeds_int8(node.output[0]):
+                continue  # nothing after it runs in int8: quantizing it only adds rounding (and a mask's range to the scores)
             if op in ("Add", "Mul"):
                 if not any(a in quantized for a in acts):
                     continue
@@ -336,6 +344,22 @@ class Planner:
             if op in ORT_SAME_SCALE:
                 plan.join(node.output[0], acts[0])
             output(node)
+
+    def _feeds_int8(self, name: str) -> bool:
+        """Whether some reader of ``name`` can take it in int8 (see INT8_READERS)."""
+        return any(r.op_type in INT8_READERS and is_standard(r) for r in self.view.consumers.get(name, []))
+
+    def bounded_constant(self, name: str) -> bool:
+        """Whether a constant operand holds only finite values within MAX_QUANTIZED_MAGNITUDE (not a mask or sentinel)."""
+        tensor = self.view.initializers.get(name)
+        if tensor is None:
+            return False
+        from onnx import numpy_helper
+
+        value = numpy_helper.to_array(tensor)
+        if value.dtype.kind != "f":
+            return True
+        return bool(np.all(np.isfinite(value)) and (value.size == 0 or np.abs(value).max() <= MAX_QUANTIZED_MAGNITUDE))
 
     def _has_pair(self, name: str, quantized: set[str]) -> bool:
         """Whether ``name`` is (or can be) quantized with its own Q/DQ pair (not an absorbed intermediate)."""

@@ -142,7 +142,14 @@ def _optimize(req: OptimizeRequest) -> None:
     teacher = _load_checked(req.teacher_path) if req.teacher_path else None
     mode = "each" if req.debug else ("end" if req.verify else "off")
     manager = PassManager(
-        steps, target=req.target, verify=mode, progress=_progress(req.quiet), opset=req.opset, calibration=calibration, teacher=teacher
+        steps,
+        target=req.target,
+        verify=mode,
+        progress=_progress(req.quiet),
+        opset=req.opset,
+        calibration=calibration,
+        teacher=teacher,
+        isolate=not req.debug,  # --debug: a failing pass stops the run with its traceback instead of being rolled back
     )
     if mode != "off":
         manager.verifier = Verifier.from_model(model, inputs=req.inputs_path, input_shapes=shapes)
@@ -151,7 +158,11 @@ def _optimize(req: OptimizeRequest) -> None:
     report = result.report
     if req.report_path:
         _write_text(req.report_path, report.to_json())
-    if not req.quiet:
+    if req.quiet:  # a pass that failed and was rolled back did not do what was asked: said even with -q
+        for record in report.passes:
+            if record.status == "rolled back":
+                click.echo(f"warning: pass '{record.name}' failed and was rolled back ({record.message})", err=True)
+    else:
         from onnxopt.report import render
 
         render(report, _console(), verbose=req.verbose > 0)

@@ -198,3 +198,30 @@ def test_keep_float_and_max_error_flags_set_the_qdq_options(tmp_path):
     result = _run(path, out, "--passes", "default", "--max-error", "0.01")
     assert result.exit_code != 0 and "qdq pass, which is not in --passes" in result.output
     assert "Traceback" not in result.output
+
+
+def _failing_dead_code(monkeypatch):
+    """Make eliminate_dead_code raise inside the pass (a pass bug)."""
+    from onnxopt.passes.dead_code import EliminateDeadCode
+
+    def broken(self, model, ctx):  # noqa: ANN001, ANN202
+        raise ValueError("cannot convert float NaN to integer")
+
+    monkeypatch.setattr(EliminateDeadCode, "run", broken)
+
+
+def test_a_rolled_back_pass_is_reported_even_with_quiet(model_path, tmp_path, monkeypatch):
+    _failing_dead_code(monkeypatch)
+    out = tmp_path / "out.onnx"
+    result = _run(model_path, out, "--passes", "eliminate_dead_code", "-q")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == ["warning: pass 'eliminate_dead_code' failed and was rolled back (ValueError: cannot convert float NaN to integer)"]
+    assert_equivalent(onnx.load(str(model_path)), onnx.load(str(out)), input_shapes={"x": (2, 3)})  # the model as it was
+
+
+def test_debug_stops_at_a_failing_pass_with_its_traceback(model_path, tmp_path, monkeypatch):
+    _failing_dead_code(monkeypatch)
+    result = _run(model_path, tmp_path / "out.onnx", "--passes", "eliminate_dead_code", "--debug")
+    assert result.exit_code != 0 and not (tmp_path / "out.onnx").exists()
+    assert isinstance(result.exception, Exception) and "cannot convert float NaN" in str(result.exception.__cause__)

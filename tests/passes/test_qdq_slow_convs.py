@@ -36,7 +36,8 @@ def one_conv(weight_shape: tuple[int, ...], group: int = 1) -> ModelProto:
     channels = weight_shape[1] * group
     node, inits = conv("c", "x", "y", rand(*weight_shape) * 0.3, group)
     spatial = [8] * (len(weight_shape) - 2)
-    return make_model([node], [tensor_input("x", [1, channels, *spatial])], [tensor_input("y", [1, weight_shape[0], *spatial])], inits, opset=17)
+    outputs = [tensor_input("y", [1, weight_shape[0], *spatial])]
+    return make_model([node], [tensor_input("x", [1, channels, *spatial])], outputs, inits, opset=17)
 
 
 @pytest.mark.parametrize(
