@@ -109,16 +109,51 @@ def generate_inputs(model: ModelProto, overrides: InputShapes | None = None, *, 
     rng = np.random.default_rng(seed)
     notes: list[str] = []
     feeds: dict[str, np.ndarray] = {}
+    bounds = index_bounds(model)
     for value in model_inputs(model):
         if value.type.WhichOneof("value") != "tensor_type":
             raise OnnxoptError(f"cannot generate input '{value.name}' (not a tensor); give inputs in an .npz file")
         elem = value.type.tensor_type.elem_type
         shape = _resolve_shape(value, overrides, notes)
-        feeds[value.name] = _random_array(rng, elem, shape, value.name)
+        feeds[value.name] = _random_array(rng, elem, shape, value.name, bounds.get(value.name, RANDOM_INT_HIGH))
     return feeds, notes
 
 
-def _random_array(rng: np.random.Generator, elem: int, shape: tuple[int, ...], name: str) -> np.ndarray:
+RANDOM_INT_HIGH = 10  # random integer inputs are drawn from [0, 10), or below the smallest table they index
+# ops that pass an index tensor through unchanged in value (an input reaching a Gather's indices through them)
+_INDEX_PASSTHROUGH = frozenset({"Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Expand", "Slice", "Transpose"})
+
+
+def index_bounds(model: ModelProto) -> dict[str, int]:
+    """Integer graph inputs used as Gather indices into a constant table: the smallest table extent they index.
+
+    Random data below that bound keeps a small embedding (two token types, say) in range.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    bounds: dict[str, int] = {}
+    for value in model_inputs(model):
+        stack, seen = [value.name], set()
+        while stack:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            for node in readers.get(name, []):
+                if node.op_type in _INDEX_PASSTHROUGH and node.input and node.input[0] == name and node.domain in ("", "ai.onnx"):
+                    stack.extend(o for o in node.output if o)
+                elif node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name and node.input[0] in inits:
+                    dims = inits[node.input[0]].dims
+                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                    if dims and -len(dims) <= axis < len(dims) and dims[axis] > 0:
+                        bounds[value.name] = min(bounds.get(value.name, RANDOM_INT_HIGH), int(dims[axis]))
+    return bounds
+
+
+def _random_array(rng: np.random.Generator, elem: int, shape: tuple[int, ...], name: str, high: int = RANDOM_INT_HIGH) -> np.ndarray:
     try:
         dtype = helper.tensor_dtype_to_np_dtype(elem)
     except (KeyError, ValueError) as exc:
@@ -128,7 +163,7 @@ def _random_array(rng: np.random.Generator, elem: int, shape: tuple[int, ...], n
     if elem == TensorProto.STRING:
         return np.array(rng.integers(0, 100, size=shape).astype(str), dtype=object)
     if np.issubdtype(dtype, np.integer):
-        return rng.integers(0, 10, size=shape).astype(dtype)
+        return rng.integers(0, high, size=shape).astype(dtype)
     if np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.complexfloating):
         return rng.standard_normal(shape).astype(dtype)
     raise OnnxoptError(f"cannot generate input '{name}' of element type {elem}; give inputs in an .npz file")

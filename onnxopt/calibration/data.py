@@ -55,9 +55,9 @@ class _InputSpec:
 
     @property
     def fixed_batch(self) -> int | None:
-        """Samples per run when the first axis is static (1 for a scalar input), else None."""
+        """Samples per run when the first axis is static, else None (a scalar input takes one value per run, any batch)."""
         if not self.dims:
-            return 1
+            return None
         return self.dims[0] if isinstance(self.dims[0], int) else None
 
     def describe(self) -> str:
@@ -503,14 +503,22 @@ class CalibrationData:
         if samples <= 0:
             raise CalibrationError(f"random calibration needs a positive number of samples, got {samples}")
         first, notes = generate_inputs(model, input_shapes, seed=seed)
-        arrays = {s.name: (first[s.name] if s.rank else first[s.name][None]) for s in specs}
-        per_draw = _array_meta("random", {k: v.shape for k, v in arrays.items()}, {}, None)[0] or 1
+        # a draw holds as many samples as the batched inputs' first axis; a scalar input repeats its value for each
+        per_draw = max((first[s.name].shape[0] for s in specs if s.rank and first[s.name].shape), default=1) or 1
+
+        def with_samples(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return {s.name: (feeds[s.name] if s.rank else np.repeat(feeds[s.name][None], per_draw)) for s in specs}
+
+        arrays = with_samples(first)
+        try:  # every input must hold per_draw samples
+            _array_meta("random", {k: v.shape for k, v in arrays.items()}, {}, None)
+        except CalibrationError as exc:
+            raise CalibrationError(f"{exc}; give each input's first dim with --input-shape (dims not given are set to 1)") from None
         sources = []
         for draw in range(math.ceil(samples / per_draw)):
 
             def loader(draw=draw):
-                feeds, _ = generate_inputs(model, input_shapes, seed=seed + draw)
-                return {s.name: (feeds[s.name] if s.rank else feeds[s.name][None]) for s in specs}
+                return with_samples(generate_inputs(model, input_shapes, seed=seed + draw)[0])
 
             shapes = {k: tuple(v.shape[1:]) for k, v in arrays.items()}
             sources.append(_Source(f"random draw {draw}", per_draw, shapes, {k: v.dtype for k, v in arrays.items()}, loader))
@@ -669,9 +677,9 @@ class CalibrationData:
                 if spec is not None:
                     if array.dtype != spec.dtype:
                         array = array.astype(spec.dtype)
-                    if spec.rank == 0:
-                        array = array.reshape(())
-                feeds[name] = np.ascontiguousarray(array)
+                    if spec.rank == 0:  # one value per run: the batch's first (a static batch dim elsewhere can hold several)
+                        array = array.reshape(-1)[:1].reshape(())
+                feeds[name] = np.ascontiguousarray(array) if array.ndim else array  # (ascontiguousarray makes a scalar 1-d)
             yield feeds
         cached = {}
 

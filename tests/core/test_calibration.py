@@ -200,6 +200,26 @@ def test_from_arrays_and_random():
     assert [b["ids"].shape for b in shaped.batches(8)] == [(4, 7)]
 
 
+def scalar_input_model(batch) -> onnx.ModelProto:
+    """y = x * float(n): a batched input x [batch, 3] beside a scalar int64 input n (a loop count, say)."""
+    nodes = [helper.make_node("Cast", ["n"], ["nf"], to=TensorProto.FLOAT), helper.make_node("Mul", ["x", "nf"], ["y"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3]), helper.make_tensor_value_info("n", TensorProto.INT64, [])]
+    graph = helper.make_graph(nodes, "scalar", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("batch", ["N", 2])
+def test_random_data_feeds_a_scalar_input_once_per_run(batch):
+    """A rank-0 input beside a batched one: random draws repeat its value per sample, each run feeds it as a scalar."""
+    model = scalar_input_model(batch)
+    data = CalibrationData.random(model, samples=4, input_shapes={"x": (2, 3)} if batch == "N" else None)
+    feeds = list(data.batches(8))
+    assert feeds and all(f["n"].shape == () and f["n"].dtype == np.int64 for f in feeds)
+    assert sum(f["x"].shape[0] for f in feeds) == 4
+    for f in feeds:  # every batch runs in onnxruntime
+        run_model(model, f)
+
+
 # -- validation errors (each one line, naming the input, expected and got) -------------------------
 
 

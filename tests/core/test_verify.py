@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import make_model, tensor_input
+from helpers import init, make_model, tensor_input
 from onnx import TensorProto, helper
 
 from onnxopt.errors import OnnxoptError
-from onnxopt.verify import Verifier, compare_outputs, generate_inputs, parse_shape_overrides, verify_models
+from onnxopt.verify import Verifier, compare_outputs, generate_inputs, index_bounds, parse_shape_overrides, run_model, verify_models
 
 
 def _model(op="Relu"):
@@ -39,6 +39,31 @@ def test_generation_is_seeded():
     a, _ = generate_inputs(_model(), {"x": (2, 10)})
     b, _ = generate_inputs(_model(), {"x": (2, 10)})
     assert np.array_equal(a["x"], b["x"])
+
+
+def _embeddings_model():
+    """ids -> Gather(words [50, 4]); types -> Cast -> Unsqueeze -> Squeeze -> Gather(two types [2, 4]); sum."""
+    nodes = [
+        helper.make_node("Gather", ["words", "ids"], ["w"]),
+        helper.make_node("Cast", ["types"], ["t64"], to=TensorProto.INT64),
+        helper.make_node("Unsqueeze", ["t64", "axes"], ["t3"]),
+        helper.make_node("Squeeze", ["t3", "axes"], ["t2"]),
+        helper.make_node("Gather", ["type_table", "t2"], ["t"]),
+        helper.make_node("Add", ["w", "t"], ["y"]),
+    ]
+    inputs = [tensor_input("ids", ["N", "S"], TensorProto.INT64), tensor_input("types", ["N", "S"], TensorProto.INT32)]
+    inits = [init("words", np.ones((50, 4), np.float32)), init("type_table", np.ones((2, 4), np.float32))]
+    inits.append(init("axes", np.array([0], np.int64)))
+    return make_model(nodes, inputs, [tensor_input("y", ["N", "S", 4])], inits)
+
+
+def test_random_indices_stay_inside_the_tables_they_index():
+    model = _embeddings_model()
+    assert index_bounds(model) == {"ids": 10, "types": 2}
+    feeds, _ = generate_inputs(model, {"ids": (4, 64), "types": (4, 64)})
+    assert feeds["types"].dtype == np.int32 and set(np.unique(feeds["types"])) == {0, 1}
+    assert feeds["ids"].max() < 10
+    run_model(model, feeds)  # onnxruntime rejects an index past a table's end
 
 
 def test_identical_models_pass_and_different_ones_fail():
