@@ -114,6 +114,24 @@ def test_top1_is_judged_on_class_scores_not_on_feature_maps():
     result = compare_outputs({"y": feature_map}, {"y": jittered}, "fp16")
     assert result.passed and result.outputs[0].top1 is None
     scores = rng.standard_normal((16, 10)).astype(np.float32)
+    scores[np.arange(16), np.arange(16) % 10] += 4.0  # clear winners, two of every ten in columns 0 and 1
     swapped = scores.copy()
     swapped[:, [0, 1]] = scores[:, [1, 0]]
     assert compare_outputs({"y": scores}, {"y": swapped}, "fp16").outputs[0].top1 < 0.95
+
+
+def test_top1_ignores_near_ties_that_the_error_can_flip_but_not_clear_winners():
+    rng = np.random.default_rng(1)
+    hidden = rng.standard_normal((2, 64, 32)).astype(np.float32)  # a hidden state: many rows with near-tied maxima
+    noisy = hidden + rng.normal(0, 0.02, hidden.shape).astype(np.float32)  # int8-size error, cosine ~0.9998
+    plain = float(np.mean(hidden.argmax(-1) == noisy.argmax(-1)))
+    result = compare_outputs({"y": hidden}, {"y": noisy}, "int8").outputs[0]
+    assert result.cosine > 0.999 and result.top1 is not None and result.top1 > plain and result.top1 >= 0.99
+    logits = rng.standard_normal((256, 10)).astype(np.float32)
+    logits[np.arange(256), rng.integers(0, 10, 256)] += 4.0  # confident classifier
+    wrong = logits.copy()
+    flipped = np.arange(256) < 64  # a quarter of the clear winners change class
+    winners = logits.argmax(-1)
+    wrong[flipped, winners[flipped]] -= 8.0
+    result = compare_outputs({"y": logits}, {"y": wrong}, "int8").outputs[0]
+    assert result.top1 is not None and result.top1 <= 0.8 and not compare_outputs({"y": logits}, {"y": wrong}, "int8").passed
