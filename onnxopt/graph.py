@@ -174,6 +174,10 @@ class GraphView:
         """True for initializers that are not also graph inputs (those can be overridden)."""
         return name in self.initializers and name not in self.graph_inputs
 
+    def is_outer(self, name: str) -> bool:
+        """True for a name this graph reads but does not define (a subgraph's capture from an enclosing graph)."""
+        return bool(name) and name not in self.producer and name not in self.initializers and name not in self.graph_inputs
+
     def uses(self, name: str) -> int:
         """How many places read ``name``: node inputs plus graph outputs."""
         return len(self.consumers.get(name, ())) + (name in self.graph_outputs)

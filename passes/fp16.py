@@ -145,7 +145,11 @@ def _convert(model: ModelProto, ctx: PassContext, options: FP16.Options, opset: 
     measure = None if calibration is None else (lambda names: calibrated_absmax(model, names, calibration))
     plans = Decider(model, values, rules, opset, result).decide(measure)
     if not any(plan.convert for plan in plans.values()):
-        return PassResult()
+        unchanged = PassResult()
+        note = kept_summary(values.view.nodes, plans)  # why nothing converts (a model whose compute sits in a Loop, say)
+        if note:
+            unchanged.notes.append(note)
+        return unchanged
     placement = Placement(model.graph, values, plans)
     emitter = Emitter(model.graph, plans, placement, ctx.names, result, clamp=options.overflow == "clamp")
     emitter.emit()

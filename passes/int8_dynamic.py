@@ -34,7 +34,7 @@ from onnxopt.errors import OnnxoptError, OptionError
 from onnxopt.graph import GraphScope, GraphView, is_standard, opset_version
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_patterns, matches_pattern, option
 from onnxopt.passes.contrib_ops import MS_DOMAIN, MS_VERSION
-from onnxopt.passes.fusion_support import elem, gemm_bias_vector, import_domain, replace_nodes, unique
+from onnxopt.passes.fusion_support import OUTER_WEIGHT, elem, gemm_bias_vector, import_domain, replace_nodes, unique
 from onnxopt.passes.gptq import check_hessian_memory, hessian_groups, mean_hessian
 from onnxopt.passes.noop_rules import NoMatch, constant_tensor, get_attr, require
 from onnxopt.passes.qdq import INT8_MAX, weight_params
@@ -220,6 +220,8 @@ def find(view: GraphView, ctx: PassContext, options: DynamicOptions) -> Found:
         elif node.op_type in ("MatMul", "Gemm") and is_standard(node) and len(node.input) >= 2:
             if constant_tensor(view, node.input[1]) is not None:
                 by_weight.setdefault(node.input[1], []).append(node)
+            elif view.is_outer(node.input[1]):
+                found.kept[OUTER_WEIGHT] += 1
     for weight, readers in by_weight.items():
         all_readers = unique(view.consumers.get(weight, []))
         layers = []

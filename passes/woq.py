@@ -31,7 +31,7 @@ from onnxopt.errors import OptionError
 from onnxopt.graph import GraphScope, GraphView, is_standard, node_label, opset_version
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_patterns, option
 from onnxopt.passes.contrib_ops import MS_DOMAIN, MS_VERSION, has_kernel, ort_target
-from onnxopt.passes.fusion_support import elem, gemm_bias_vector, import_domain, replace_nodes, unique
+from onnxopt.passes.fusion_support import OUTER_WEIGHT, elem, gemm_bias_vector, import_domain, replace_nodes, unique
 from onnxopt.passes.gptq import check_hessian_memory, gptq_round, hessian_groups, mean_hessian
 from onnxopt.passes.noop_rules import NoMatch, constant_tensor, get_attr, require
 from onnxopt.registry import register_pass
@@ -328,6 +328,8 @@ def find_candidates(view: GraphView, ctx: PassContext, options: WoqOptions) -> t
             continue
         seen.add(name)
         if constant_tensor(view, name) is None:  # an activation (attention scores), not a weight: nothing to report
+            if view.is_outer(name):
+                kept[OUTER_WEIGHT] += 1
             continue
         try:
             found.append(match_weight(name, view, ctx, options))
