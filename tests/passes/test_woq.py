@@ -96,8 +96,21 @@ def test_reference_quantization_is_within_half_a_step(bits, symmetric):
     assert quant.q.min() >= low and quant.q.max() <= high
     step = quant.expand(quant.scale)
     error = np.abs(quant.dequantize() - w)
-    # symmetric: the block's extreme is exactly representable, so nothing is clipped
-    assert np.all(error <= step / 2 + 1e-6 * np.abs(w) + 1e-7)
+    inside = (quant.q > low) & (quant.q < high)  # not clipped: within half a step
+    assert np.all(error[inside] <= step[inside] / 2 + 1e-6 * np.abs(w[inside]) + 1e-7)
+    if not symmetric:  # the block's range is exactly representable, so nothing is clipped
+        assert np.all(error <= step / 2 + 1e-6 * np.abs(w) + 1e-7)
+        return
+    # symmetric: the scale searched below absmax / qmax rounds each block column with no more squared error
+    qmax = high
+    for b in range(3):
+        block = w[b * 32 : (b + 1) * 32]
+        plain = np.abs(block).max(0) / qmax
+        plain_error = ((np.clip(np.rint(block / plain), low, high) * plain - block) ** 2).sum(0)
+        got_error = ((quant.dequantize()[b * 32 : (b + 1) * 32] - block) ** 2).sum(0)
+        assert np.all(got_error <= plain_error * (1 + 1e-5) + 1e-12)
+        assert np.all(quant.scale[b] <= plain * (1 + 1e-6)) and np.all(quant.scale[b] >= 0.7 * plain)
+    assert bits == 8 or np.any(quant.q == low)  # int4: the -8 code is used
 
 
 def test_all_zero_block_dequantizes_to_zero():
