@@ -17,14 +17,15 @@ def import_onnxruntime() -> ModuleType:
 
 
 def make_session(
-    model_bytes: bytes | str, *, optimize: bool = False, threads: int = 1, log_level: int = 3, provider: str = "CPUExecutionProvider"
+    model_bytes: bytes | str, *, optimize: bool = False, threads: int = 1, log_level: int = 4, provider: str = "CPUExecutionProvider"
 ):
     """Create an InferenceSession (CPU unless ``provider`` says otherwise) from serialized model bytes (or a path).
 
     Graph optimizations are off by default so the session computes exactly what the
     graph says; the session is single threaded unless ``threads`` says otherwise.
-    ``log_level`` is onnxruntime's severity threshold (3: errors, 4: fatal only, for
-    callers that expect and handle failures themselves). Such an unoptimized session (verification,
+    ``log_level`` is onnxruntime's severity threshold (4, the default: fatal only; every caller turns a failure
+    into its own one-line error, which quotes onnxruntime's message, so its own red log line would print it
+    twice, even with -q; 3: errors too). Such an unoptimized session (verification,
     calibration) has no CPU memory arena: it computes every DequantizeLinear of a weight on each
     run, and the arena would keep growing blocks for them (1.1 GB for a 256 MB model's calibration).
     """

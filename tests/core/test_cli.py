@@ -225,3 +225,24 @@ def test_debug_stops_at_a_failing_pass_with_its_traceback(model_path, tmp_path, 
     result = _run(model_path, tmp_path / "out.onnx", "--passes", "eliminate_dead_code", "--debug")
     assert result.exit_code != 0 and not (tmp_path / "out.onnx").exists()
     assert isinstance(result.exception, Exception) and "cannot convert float NaN" in str(result.exception.__cause__)
+
+
+def test_a_model_that_fails_in_onnxruntime_is_one_line_without_its_log(tmp_path):
+    """An index past its table: onnxruntime's own red [E:onnxruntime] log line is not printed beside ours."""
+    model = make_model(
+        [helper.make_node("Gather", ["table", "ids"], ["y"])],
+        [tensor_input("ids", [2], onnx.TensorProto.INT64)],
+        [tensor_input("y", [2, 4])],
+        [init("table", np.ones((3, 4), np.float32))],
+    )
+    path, inputs = tmp_path / "gather.onnx", tmp_path / "inputs.npz"
+    onnx.save(model, str(path))
+    np.savez(inputs, ids=np.array([0, 7], np.int64))
+    proc = subprocess.run(
+        [sys.executable, "-m", "onnxopt", str(path), str(tmp_path / "o.onnx"), "--verify", "--inputs", str(inputs), "-q"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "out of data bounds" in proc.stderr and "[E:onnxruntime" not in proc.stderr
