@@ -174,10 +174,6 @@ class GraphView:
         """True for initializers that are not also graph inputs (those can be overridden)."""
         return name in self.initializers and name not in self.graph_inputs
 
-    def is_outer(self, name: str) -> bool:
-        """True for a name this graph reads but does not define (a subgraph's capture from an enclosing graph)."""
-        return bool(name) and name not in self.producer and name not in self.initializers and name not in self.graph_inputs
-
     def uses(self, name: str) -> int:
         """How many places read ``name``: node inputs plus graph outputs."""
         return len(self.consumers.get(name, ())) + (name in self.graph_outputs)
@@ -277,3 +273,55 @@ def opset_version(model: ModelProto, domain: str = "") -> int | None:
         if (imp.domain if imp.domain not in STANDARD_DOMAINS else "") == wanted:
             return imp.version
     return None
+
+
+def visible_outer_constants(scope: GraphScope) -> dict[str, onnx.TensorProto]:
+    """Initializers of the graphs enclosing ``scope`` that its graph can read by name (a subgraph's captured weights).
+
+    The nearest definition wins: a name that the graph itself or an intermediate scope defines (input, node
+    output, initializer) shadows any further out; initializers that are also graph inputs (overridable) are left out.
+    """
+    found: dict[str, onnx.TensorProto] = {}
+    shadowed = defined_names(scope.graph)
+    parent = scope.parent
+    while parent is not None:
+        inputs = {i.name for i in parent.graph.input}
+        for tensor in parent.graph.initializer:
+            if tensor.name not in shadowed and tensor.name not in found and tensor.name not in inputs:
+                found[tensor.name] = tensor
+        shadowed |= defined_names(parent.graph)
+        parent = parent.parent
+    return found
+
+
+def with_outer_constants(view: GraphView, scope: GraphScope) -> GraphView:
+    """``view`` of a subgraph that also sees the constants it captures from enclosing graphs (read-only: a pass that
+    rewrites a layer reading one writes its new tensors into the subgraph and leaves the outer tensor as it is)."""
+    outer = visible_outer_constants(scope) if scope.parent is not None else {}
+    if not outer:
+        return view
+    import copy
+
+    augmented = copy.copy(view)
+    augmented.initializers = {**outer, **view.initializers}
+    return augmented
+
+
+def drop_unread_initializers(model: ModelProto, names: set[str]) -> int:
+    """Remove the initializers called ``names`` that nothing reads any more in their graph or its subgraphs; returns how many."""
+    dropped = 0
+    for scope in iter_scopes(model.graph):
+        graph = scope.graph
+        if not any(t.name in names for t in graph.initializer):
+            continue
+        used = {o.name for o in graph.output}
+        for node in graph.node:
+            used.update(node.input)
+            for sub in subgraphs(node):
+                used |= outer_references(sub)
+        kept = [t for t in graph.initializer if t.name not in names or t.name in used]
+        if len(kept) != len(graph.initializer):
+            dropped += len(graph.initializer) - len(kept)
+            del graph.initializer[:]
+            graph.initializer.extend(kept)
+    return dropped

@@ -25,8 +25,6 @@ log = logging.getLogger("onnxopt")
 
 FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16})
 REL_TOL = 1e-6
-# why a MatMul/Gemm inside an If/Loop/Scan body stays float in the weight-quantizing passes
-OUTER_WEIGHT = "the weight is captured from an enclosing graph (a layer inside an If/Loop/Scan body)"
 
 
 @dataclass

@@ -31,10 +31,10 @@ import numpy as np
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from onnxopt.errors import OnnxoptError, OptionError
-from onnxopt.graph import GraphScope, GraphView, is_standard, opset_version
+from onnxopt.graph import GraphScope, GraphView, drop_unread_initializers, is_standard, opset_version, with_outer_constants
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_patterns, matches_pattern, option
 from onnxopt.passes.contrib_ops import MS_DOMAIN, MS_VERSION
-from onnxopt.passes.fusion_support import OUTER_WEIGHT, elem, gemm_bias_vector, import_domain, replace_nodes, unique
+from onnxopt.passes.fusion_support import elem, gemm_bias_vector, import_domain, replace_nodes, unique
 from onnxopt.passes.gptq import check_hessian_memory, hessian_groups, mean_hessian
 from onnxopt.passes.noop_rules import NoMatch, constant_tensor, get_attr, require
 from onnxopt.passes.qdq import INT8_MAX, weight_params
@@ -220,8 +220,6 @@ def find(view: GraphView, ctx: PassContext, options: DynamicOptions) -> Found:
         elif node.op_type in ("MatMul", "Gemm") and is_standard(node) and len(node.input) >= 2:
             if constant_tensor(view, node.input[1]) is not None:
                 by_weight.setdefault(node.input[1], []).append(node)
-            elif view.is_outer(node.input[1]):
-                found.kept[OUTER_WEIGHT] += 1
     for weight, readers in by_weight.items():
         all_readers = unique(view.consumers.get(weight, []))
         layers = []
@@ -409,9 +407,12 @@ class DynamicInt8(Pass):
         kept: Counter = Counter()
         changed = False
         rounded = _gptq_weights(model, ctx, options, result) if options.rounding == "gptq" else {}
+        captured: set[str] = set()  # weights of the enclosing graphs that a subgraph layer read (dropped below once unread)
         for scope in reversed(ctx.scopes()):
-            view = ctx.view(scope.graph)
+            local = ctx.view(scope.graph)
+            view = with_outer_constants(local, scope)
             found = find(view, ctx, options)
+            captured.update(x.weight for x in found.layers if x.weight not in local.initializers and x.weight in view.initializers)
             kept.update(found.kept)
             if not found.layers and not found.attention:
                 continue
@@ -434,6 +435,7 @@ class DynamicInt8(Pass):
         if changed:
             if ctx.target == "ort-cpu":
                 import_domain(model, MS_DOMAIN, MS_VERSION)
+            drop_unread_initializers(model, captured)
             ctx.invalidate()
         if options.embeddings:
             before = result.counts.get("embedding_tables_int8", 0)

@@ -28,10 +28,10 @@ import numpy as np
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from onnxopt.errors import OptionError
-from onnxopt.graph import GraphScope, GraphView, is_standard, node_label, opset_version
+from onnxopt.graph import GraphScope, GraphView, drop_unread_initializers, is_standard, node_label, opset_version, with_outer_constants
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_patterns, option
 from onnxopt.passes.contrib_ops import MS_DOMAIN, MS_VERSION, has_kernel, ort_target
-from onnxopt.passes.fusion_support import OUTER_WEIGHT, elem, gemm_bias_vector, import_domain, replace_nodes, unique
+from onnxopt.passes.fusion_support import elem, gemm_bias_vector, import_domain, replace_nodes, unique
 from onnxopt.passes.gptq import check_hessian_memory, gptq_round, hessian_groups, mean_hessian
 from onnxopt.passes.noop_rules import NoMatch, constant_tensor, get_attr, require
 from onnxopt.registry import register_pass
@@ -351,8 +351,6 @@ def find_candidates(view: GraphView, ctx: PassContext, options: WoqOptions) -> t
             continue
         seen.add(name)
         if constant_tensor(view, name) is None:  # an activation (attention scores), not a weight: nothing to report
-            if view.is_outer(name):
-                kept[OUTER_WEIGHT] += 1
             continue
         try:
             found.append(match_weight(name, view, ctx, options))
@@ -520,9 +518,12 @@ class WeightOnlyQuantize(Pass):
         scopes = ctx.scopes()
         found: list[tuple[GraphScope, GraphView, list[Candidate]]] = []
         kept: Counter = Counter()
+        captured: set[str] = set()  # weights of the enclosing graphs that a subgraph layer read (dropped once unread)
         for scope in reversed(scopes):
-            view = ctx.view(scope.graph)
+            local = ctx.view(scope.graph)
+            view = with_outer_constants(local, scope)
             candidates, reasons = find_candidates(view, ctx, options)
+            captured.update(c.name for c in candidates if c.name not in local.initializers and c.name in view.initializers)
             kept.update(reasons)
             if candidates:
                 found.append((scope, view, candidates))
@@ -554,6 +555,7 @@ class WeightOnlyQuantize(Pass):
                 import_domain(model, MS_DOMAIN, MS_VERSION)
             elif model.ir_version < INT4_IR_VERSION:
                 model.ir_version = INT4_IR_VERSION
+            drop_unread_initializers(model, captured)
             ctx.invalidate()
         reasons = {r: c for r, c in kept.items() if r != "no readers"}
         if reasons:
