@@ -35,8 +35,8 @@ ABSORBED = ("Relu", "Clip")
 INT8_READERS = frozenset({*ANCHORS, *ORT_INT8, *ORT_SAME_SCALE, *ABSORBED})
 # constants beyond this magnitude (or not finite) are masks and sentinels, not values 8 bits can hold
 MAX_QUANTIZED_MAGNITUDE = 1e30
-# ort-cpu: convolutions onnxruntime's uint8 kernels run slower than its float ones (benchmarks/README.md, "slow int8
-# convolutions"): a spatial kernel with fewer multiply-adds per output value (its im2col GEMM is too shallow; RGB and
+# ort-cpu: convolutions onnxruntime's uint8 kernels run slower than its float ones (benchmarks/conv_kernels.py and its
+# section in benchmarks/README.md): a spatial kernel with fewer multiply-adds per output value (its im2col GEMM is too shallow; RGB and
 # grey stems), and a depthwise kernel over fewer channels (it vectorizes over channels)
 SLOW_INT8_MACS = 64
 SLOW_INT8_DEPTHWISE = 32
@@ -352,7 +352,7 @@ class Planner:
     def bounded_constant(self, name: str) -> bool:
         """Whether a constant operand holds only finite values within MAX_QUANTIZED_MAGNITUDE (not a mask or sentinel)."""
         tensor = self.view.initializers.get(name)
-        if tensor is None:
+        if tensor is None or tensor.data_location == TensorProto.EXTERNAL:
             return False
         from onnx import numpy_helper
 

@@ -55,13 +55,22 @@ class _InputSpec:
 
     @property
     def fixed_batch(self) -> int | None:
-        """Samples per run when the first axis is static, else None (a scalar input takes one value per run, any batch)."""
+        """Samples per run when the first axis is static, else None (a scalar input: see :func:`_fixed_batches`)."""
         if not self.dims:
             return None
         return self.dims[0] if isinstance(self.dims[0], int) else None
 
     def describe(self) -> str:
         return "[" + ",".join("?" if d is None else str(d) for d in self.dims) + "]"
+
+
+def _fixed_batches(specs: list[_InputSpec] | tuple) -> dict[str, int]:
+    """Input name -> samples per run, for the inputs that fix it: a static first axis, else a scalar input's one
+    sample per run (each run feeds one of its values); beside a static batch, a scalar takes the batch's first value."""
+    fixed = {s.name: s.fixed_batch for s in specs if s.fixed_batch is not None}
+    if not fixed:
+        fixed = {s.name: 1 for s in specs if not s.dims}
+    return fixed  # type: ignore[return-value]
 
 
 def _input_specs(model: ModelProto) -> list[_InputSpec]:
@@ -581,7 +590,7 @@ class CalibrationData:
                         raise CalibrationError(f"{source.label}: input '{spec.name}' has dtype {got_dtype}, the model expects {spec.dtype}")
                     casts.add((spec.name, got_dtype, spec.dtype))
                 self._check_shape(source, spec, symbols)
-        fixed = {s.name: s.fixed_batch for s in specs if s.fixed_batch is not None}
+        fixed = _fixed_batches(specs)
         if len(set(fixed.values())) > 1:
             listed = ", ".join(f"{n}: {b}" for n, b in fixed.items())
             raise CalibrationError(f"the model's inputs fix different batch sizes ({listed}); calibration cannot batch them")
@@ -620,7 +629,7 @@ class CalibrationData:
     def _batch_size(self, batch_size: int) -> int:
         if batch_size <= 0:
             raise CalibrationError(f"calibration batch size must be positive, got {batch_size}")
-        fixed = [s.fixed_batch for s in self._specs or () if s.fixed_batch is not None]
+        fixed = list(_fixed_batches(self._specs or ()).values())
         return fixed[0] if fixed else batch_size
 
     def plan(self, batch_size: int) -> list[list[tuple[int, int, int]]]:
@@ -631,7 +640,7 @@ class CalibrationData:
         samples per run; a remainder that cannot fill one is dropped.
         """
         size = self._batch_size(batch_size)
-        fixed = any(s.fixed_batch is not None for s in self._specs or ())
+        fixed = bool(_fixed_batches(self._specs or ()))
         batches: list[list[tuple[int, int, int]]] = []
         current: list[tuple[int, int, int]] = []
         filled, key = 0, None

@@ -216,6 +216,8 @@ def test_random_data_feeds_a_scalar_input_once_per_run(batch):
     feeds = list(data.batches(8))
     assert feeds and all(f["n"].shape == () and f["n"].dtype == np.int64 for f in feeds)
     assert sum(f["x"].shape[0] for f in feeds) == 4
+    # a dynamic batch: one sample per run, so every scalar value is used; a static batch of 2: its first value
+    assert [f["x"].shape[0] for f in feeds] == ([1, 1, 1, 1] if batch == "N" else [2, 2])
     for f in feeds:  # every batch runs in onnxruntime
         run_model(model, f)
 
