@@ -524,6 +524,8 @@ class WeightOnlyQuantize(Pass):
             view = with_outer_constants(local, scope)
             candidates, reasons = find_candidates(view, ctx, options)
             captured.update(c.name for c in candidates if c.name not in local.initializers and c.name in view.initializers)
+            # a rewritten Gemm's C (MatMulNBits reads its own copy of the bias): dropped below once nothing reads it
+            captured.update(i for c in candidates for r in c.readers for i in r.node.input[2:] if i in view.initializers)
             kept.update(reasons)
             if candidates:
                 found.append((scope, view, candidates))

@@ -241,6 +241,8 @@ def test_gemm_weights(target, trans_b, bias_shape):
         axis = {a.name: a.i for a in out.graph.node[0].attribute}["axis"]
         assert axis == trans_b
     assert "W" not in initializer_names(out)
+    read = {i for n in out.graph.node for i in n.input}
+    assert initializer_names(out) <= read  # no unread initializer (MatMulNBits takes its own copy of the bias)
     assert cosine(model, out, {"x": rand(3, K)}) >= MIN_COSINE[8]
 
 
