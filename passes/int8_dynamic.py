@@ -412,7 +412,12 @@ class DynamicInt8(Pass):
             local = ctx.view(scope.graph)
             view = with_outer_constants(local, scope)
             found = find(view, ctx, options)
-            captured.update(x.weight for x in found.layers if x.weight not in local.initializers and x.weight in view.initializers)
+            captured.update(
+                name
+                for x in found.layers
+                for name in (x.weight, *x.node.input[2:])  # the weight and a Gemm's C
+                if name not in local.initializers and name in view.initializers
+            )
             kept.update(found.kept)
             if not found.layers and not found.attention:
                 continue
