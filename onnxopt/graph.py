@@ -7,6 +7,7 @@ long model cannot hit the interpreter's recursion limit.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import onnx
@@ -300,21 +301,22 @@ def with_outer_constants(view: GraphView, scope: GraphScope) -> GraphView:
     outer = visible_outer_constants(scope) if scope.parent is not None else {}
     if not outer:
         return view
-    import copy
-
     augmented = copy.copy(view)
     augmented.initializers = {**outer, **view.initializers}
     return augmented
 
 
 def drop_unread_initializers(model: ModelProto, names: set[str]) -> int:
-    """Remove the initializers called ``names`` that nothing reads any more in their graph or its subgraphs; returns how many."""
+    """Remove the initializers called ``names`` that nothing reads any more in their graph or its subgraphs; returns how many.
+
+    One that is also a graph input (an overridable default) stays: dropping it would change the model's inputs.
+    """
     dropped = 0
     for scope in iter_scopes(model.graph):
         graph = scope.graph
         if not any(t.name in names for t in graph.initializer):
             continue
-        used = {o.name for o in graph.output}
+        used = {o.name for o in graph.output} | {i.name for i in graph.input}
         for node in graph.node:
             used.update(node.input)
             for sub in subgraphs(node):

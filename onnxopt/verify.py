@@ -129,11 +129,10 @@ def index_bounds(model: ModelProto) -> dict[str, int]:
 
     Random data below that bound keeps a small embedding (two token types, say) in range.
     """
-    inits = {t.name: t for t in model.graph.initializer}
-    readers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    from onnxopt.graph import GraphView
+
+    view = GraphView.build(model.graph)
+    inits, readers = view.initializers, view.consumers
     bounds: dict[str, int] = {}
     for value in model_inputs(model):
         stack, seen = [value.name], set()

@@ -39,12 +39,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-import onnx
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from onnxopt.calibration import RANGE_METHODS, CalibrationData, TensorStats, collect_stats, compute_range
 from onnxopt.errors import OnnxoptError, OptionError, one_line
-from onnxopt.graph import GraphView, NameGenerator, opset_version
+from onnxopt.graph import GraphView, NameGenerator, drop_unread_initializers, opset_version
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_patterns, option
 from onnxopt.passes.fusion_support import const_name
 from onnxopt.passes.qdq_gather import quantize_gathers
@@ -721,19 +720,4 @@ class _Rewriter:
             result.count("constants_uint8")
 
     def _drop_unused(self) -> None:
-        graph = self.model.graph
-        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output} | {i.name for i in graph.input}
-        from onnxopt.graph import outer_references
-
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    used |= outer_references(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for sub in attr.graphs:
-                        used |= outer_references(sub)
-        dead = [t for t in graph.initializer if t.name in self.replaced and t.name not in used]
-        if dead:
-            keep = [t for t in graph.initializer if not (t.name in self.replaced and t.name not in used)]
-            del graph.initializer[:]
-            graph.initializer.extend(keep)
+        drop_unread_initializers(self.model, self.replaced)

@@ -14,6 +14,7 @@ statistics-driven guard forbids some tensors. Two placements:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -396,9 +397,7 @@ def slow_int8_convs(view: GraphView) -> frozenset[int]:
         dims = list(view.initializers[node.input[1]].dims)
         if len(dims) < 3:
             continue
-        area = 1
-        for d in dims[2:]:
-            area *= d
+        area = math.prod(dims[2:])
         group = next((a.i for a in node.attribute if a.name == "group"), 1)
         if group == 1 and area > 1 and dims[1] * area < SLOW_INT8_MACS:
             slow.add(position)
