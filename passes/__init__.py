@@ -22,6 +22,7 @@ from onnxopt.passes import (  # noqa: F401
     prune,
     prune_channels,
     qdq,
+    qoperator,
     reconstruct,
     reshape_shapes,
     shape_inference,

@@ -1,0 +1,284 @@
+"""The ``qoperator`` pass: Q/DQ groups become onnxruntime's QLinear kernels with the Q/DQ model's outputs.
+
+Every rewrite is checked by running the Q/DQ model and its QOperator form in onnxruntime on the
+same inputs: onnxruntime's CPU QDQ transformer builds the same kernels at load time, so the
+outputs agree to float rounding.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from helpers import init, make_model, tensor_input
+from onnx import ModelProto, TensorProto, helper, numpy_helper
+
+import onnxopt
+from onnxopt.calibration import CalibrationData
+from onnxopt.errors import OnnxoptError, OptionError
+from onnxopt.verify import generate_inputs, run_model
+
+RNG = np.random.default_rng(7)
+
+
+def rand(*shape: int, scale: float = 1.0) -> np.ndarray:
+    """Seeded normal float32 values."""
+    return (RNG.standard_normal(shape) * scale).astype(np.float32)
+
+
+def ops(model: ModelProto) -> Counter:
+    """Op types of the main graph (domain-qualified for contrib ops)."""
+    return Counter(f"{n.domain}.{n.op_type}" if n.domain else n.op_type for n in model.graph.node)
+
+
+def se_block() -> ModelProto:
+    """A MobileNet-style block: stem Conv -> Relu -> Conv; squeeze-excite (GAP -> Conv -> Sigmoid -> Mul); residual Add;
+    MaxPool -> Conv -> Relu -> AveragePool -> Concat with a LeakyRelu branch -> Reshape -> MatMul -> y."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["c2"], ["g"], name="gap"),
+        helper.make_node("Conv", ["g", "w3", "b3"], ["c3"], name="conv_se"),
+        helper.make_node("Sigmoid", ["c3"], ["s"], name="sigmoid"),
+        helper.make_node("Mul", ["c2", "s"], ["m"], name="excite"),
+        helper.make_node("Add", ["m", "r1"], ["a"], name="residual"),
+        helper.make_node("MaxPool", ["a"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p", "w4", "b4"], ["c4"], name="conv4", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c4"], ["r4"], name="relu4"),
+        helper.make_node("AveragePool", ["r4"], ["ap"], name="avg", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("LeakyRelu", ["ap"], ["lr"], name="leaky", alpha=0.1),
+        helper.make_node("Concat", ["ap", "lr"], ["cat"], name="concat", axis=1),
+        helper.make_node("Reshape", ["cat", "shape"], ["flat"], name="reshape"),
+        helper.make_node("MatMul", ["flat", "wm"], ["mm"], name="matmul"),
+        helper.make_node("Relu", ["mm"], ["rm"], name="relu_mm"),
+        helper.make_node("MatMul", ["rm", "wo"], ["y"], name="head"),
+    ]
+    inits = [
+        init("w1", rand(8, 3, 3, 3, scale=0.3)),
+        init("b1", rand(8, scale=0.1)),
+        init("w2", rand(8, 8, 3, 3, scale=0.2)),
+        init("b2", rand(8, scale=0.1)),
+        init("w3", rand(8, 8, 1, 1, scale=0.3)),
+        init("b3", rand(8, scale=0.1)),
+        init("w4", rand(8, 8, 3, 3, scale=0.2)),
+        init("b4", rand(8, scale=0.1)),
+        init("shape", np.array([2, 64], np.int64)),
+        init("wm", rand(64, 16, scale=0.2)),
+        init("wo", rand(16, 5, scale=0.3)),
+    ]
+    return make_model(nodes, [tensor_input("x", [2, 3, 8, 8])], [tensor_input("y", [2, 5])], inits, opset=17)
+
+
+def quantized(model: ModelProto) -> ModelProto:
+    """``qdq`` for ort-cpu (minmax, every layer but the head) calibrated on 8 random samples."""
+    x = np.random.default_rng(1).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    data = CalibrationData.from_arrays({"x": x}, model=model)
+    spec = "qdq:method=minmax,equalize=false,slow_convs=true"
+    return onnxopt.optimize(model, spec, target="ort-cpu", calibration=data, isolate=False).model
+
+
+def qoperator(model: ModelProto, options: str = "", target: str = "ort-cpu") -> onnxopt.OptimizeResult:
+    """The ``qoperator`` pass (with ``options``) on a copy of ``model``, without fault isolation."""
+    spec = f"qoperator:{options}" if options else "qoperator"
+    return onnxopt.optimize(model, spec, target=target, isolate=False)
+
+
+def assert_same_outputs(a: ModelProto, b: ModelProto) -> None:
+    """Both models give the same outputs in onnxruntime on seeded random inputs (float rounding apart)."""
+    feeds, _ = generate_inputs(a, seed=3)
+    ref, got = run_model(a, feeds), run_model(b, feeds)
+    assert ref.keys() == got.keys()
+    for key in ref:
+        np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, atol=1e-6 * float(np.abs(ref[key]).max()))
+
+
+def initializer_names(model: ModelProto) -> set[str]:
+    return {t.name for t in model.graph.initializer}
+
+
+def test_every_group_becomes_its_qlinear_kernel_with_the_qdq_outputs() -> None:
+    qdq = quantized(se_block())
+    result = qoperator(qdq)
+    out = result.model
+    onnx.checker.check_model(out)
+    counts = ops(out)
+    assert counts["QLinearConv"] == 4
+    for op in (
+        "QLinearAdd",
+        "QLinearMul",
+        "QLinearGlobalAveragePool",
+        "QLinearAveragePool",
+        "QLinearSigmoid",
+        "QLinearLeakyRelu",
+        "QLinearConcat",
+    ):
+        assert counts[f"com.microsoft.{op}"] == 1, op
+    assert counts["QLinearMatMul"] == 1  # the head feeds the graph output and keeps float activations
+    assert counts["MaxPool"] == 1 and counts["Reshape"] == 1 and not counts["Relu"]  # the Relus are absorbed by the Q zero point
+    # no DequantizeLinear reads a weight or a bias any more (the head computes in float from Cast(int8) x scale), and the
+    # bias scales went with them: QLinearConv derives input scale x weight scale itself
+    constants = initializer_names(out)
+    assert not [n for n in out.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants]
+    assert not {"b1_scale", "b2_scale", "b3_scale", "b4_scale"} & constants and {"b1_quantized", "w1_quantized"} <= constants
+    assert {n.name for n in out.graph.node} >= {"conv1", "conv2", "conv_se", "conv4", "residual", "excite", "matmul"}
+    assert result.report.passes[-1].counts["Conv_to_QLinearConv"] == 4
+    assert len(out.SerializeToString()) < 0.9 * len(qdq.SerializeToString())
+    assert_same_outputs(qdq, out)
+
+
+def test_contrib_false_writes_standard_ops_only() -> None:
+    qdq = quantized(se_block())
+    out = qoperator(qdq, "contrib=false").model
+    assert not any(n.domain for n in out.graph.node)
+    assert ops(out)["QLinearConv"] == 4 and ops(out)["QLinearMatMul"] == 1
+    assert all(imp.domain != "com.microsoft" for imp in out.opset_import)
+    assert_same_outputs(qdq, out)
+
+
+def test_exclude_keeps_the_named_group_in_qdq_form_with_a_note() -> None:
+    qdq = quantized(se_block())
+    result = qoperator(qdq, "exclude=conv2|Sigmoid")
+    out = result.model
+    assert ops(out)["QLinearConv"] == 3 and ops(out)["Sigmoid"] == 1 and ops(out)["Conv"] == 1
+    assert any("stay in Q/DQ form" in n and "excluded (2)" in n for n in result.report.notes)
+    assert_same_outputs(qdq, out)
+
+
+def test_optimizing_twice_gives_identical_bytes() -> None:
+    qdq = quantized(se_block())
+    assert qoperator(qdq).model.SerializeToString() == qoperator(qdq).model.SerializeToString()
+
+
+# ----------------------------------------------------------------------------- hand-built groups (the guards)
+
+
+def qdq_conv(
+    *, act: str = "", clip: tuple[float, float] = (0.0, 6.0), y_zero: int = 0, bias_scale_factor: float = 1.0, w_zero: int = 0
+) -> ModelProto:
+    """x -> Q -> DQ -> Conv(DQ(w int8 per-channel), DQ(b int32)) [-> Relu/Clip] -> Q -> DQ -> y, written by hand."""
+    weight = RNG.integers(-127, 128, (4, 3, 3, 3)).astype(np.int8)
+    w_scale = np.array([0.01, 0.02, 0.015, 0.012], np.float32)
+    x_scale = np.float32(0.05)
+    bias = RNG.integers(-500, 500, 4).astype(np.int32)
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0),
+        helper.make_node("DequantizeLinear", ["b", "bs"], ["bd"], axis=0),
+        helper.make_node("Conv", ["xd", "wd", "bd"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+    ]
+    last = "c"
+    if act == "Relu":
+        nodes.append(helper.make_node("Relu", ["c"], ["a"], name="act"))
+        last = "a"
+    elif act == "Clip":
+        nodes.append(helper.make_node("Clip", ["c", "lo", "hi"], ["a"], name="act"))
+        last = "a"
+    nodes += [
+        helper.make_node("QuantizeLinear", [last, "ys", "yz"], ["yq"]),
+        helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"]),
+    ]
+    inits = [
+        init("xs", x_scale),
+        init("xz", np.uint8(128)),
+        init("w", weight),
+        init("ws", w_scale),
+        init("wz", np.full(4, w_zero, np.int8)),
+        init("b", bias),
+        init("bs", (x_scale * w_scale * bias_scale_factor).astype(np.float32)),
+        init("ys", np.float32(6.0 / 255)),
+        init("yz", np.uint8(y_zero)),
+        init("lo", np.float32(clip[0])),
+        init("hi", np.float32(clip[1])),
+    ]
+    return make_model(nodes, [tensor_input("x", [1, 3, 6, 6])], [tensor_input("y", [1, 4, 6, 6])], inits, opset=17)
+
+
+@pytest.mark.parametrize(("act", "clip", "y_zero"), [("", (0, 6), 0), ("Relu", (0, 6), 0), ("Clip", (0, 6), 0), ("Clip", (-1, 7), 0)])
+def test_conv_group_with_an_absorbed_activation_becomes_qlinearconv(act, clip, y_zero) -> None:
+    model = qdq_conv(act=act, clip=clip, y_zero=y_zero)
+    out = qoperator(model).model
+    assert ops(out) == Counter({"QuantizeLinear": 1, "QLinearConv": 1, "DequantizeLinear": 1})
+    conv = next(n for n in out.graph.node if n.op_type == "QLinearConv")
+    assert conv.name == "conv" and conv.input[8] == "b"
+    assert "bs" not in initializer_names(out) and "wz" not in initializer_names(out)  # derived scale, zero zero points
+    assert_same_outputs(model, out)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({"act": "Relu", "y_zero": 10}, "zero point of the Q after it is not the type's minimum"),
+        ({"act": "Clip", "clip": (0.0, 1.0)}, "clips inside the Q range"),
+        ({"bias_scale_factor": 1.5}, "the bias scale is not input scale x weight scale"),
+        ({"w_zero": 3}, "per-channel weight zero points other than 0"),
+    ],
+)
+def test_groups_the_kernel_would_compute_differently_stay_qdq_with_the_reason(kwargs, reason) -> None:
+    model = qdq_conv(**kwargs)
+    result = qoperator(model)
+    assert ops(result.model)["Conv"] == 1 and not ops(result.model)["QLinearConv"]
+    assert any(reason in note for note in result.report.notes), result.report.notes
+    assert result.model.SerializeToString() == model.SerializeToString()
+
+
+def test_group_inside_an_if_branch_is_rewritten() -> None:
+    inner = qdq_conv(act="Relu")
+    branch = helper.make_graph(list(inner.graph.node), "then", [], [tensor_input("y", [1, 4, 6, 6])], list(inner.graph.initializer))
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["zeros"], ["y_else"])], "else", [], [tensor_input("y_else", [1, 4, 6, 6])],
+        [init("zeros", np.zeros((1, 4, 6, 6), np.float32))],
+    )  # fmt: skip
+    nodes = [helper.make_node("If", ["cond"], ["out"], then_branch=branch, else_branch=other)]
+    inputs = [tensor_input("x", [1, 3, 6, 6]), tensor_input("cond", [], TensorProto.BOOL)]
+    model = make_model(nodes, inputs, [tensor_input("out", [1, 4, 6, 6])], opset=17)
+    out = qoperator(model).model
+    then = next(a.g for a in out.graph.node[0].attribute if a.name == "then_branch")
+    assert Counter(n.op_type for n in then.node)["QLinearConv"] == 1
+    feeds = {"x": rand(1, 3, 6, 6), "cond": np.array(True)}
+    np.testing.assert_allclose(run_model(out, feeds)["out"], run_model(model, feeds)["out"], rtol=1e-5, atol=1e-6)
+
+
+def test_per_tensor_value_with_a_one_element_vector_scale_stays_qdq() -> None:
+    model = qdq_conv()
+    scale = next(t for t in model.graph.initializer if t.name == "xs")
+    scale.CopyFrom(numpy_helper.from_array(np.array([0.05], np.float32), "xs"))
+    result = qoperator(model)
+    assert not ops(result.model)["QLinearConv"]
+    assert any("no rank-0 scale and zero point" in n for n in result.report.notes)
+
+
+# ----------------------------------------------------------------------------- errors and notes
+
+
+@pytest.mark.parametrize("target", ["trt", "portable", "ort-gpu"])
+def test_other_targets_are_refused_with_the_reason(target) -> None:
+    with pytest.raises(OnnxoptError, match="runs in onnxruntime's CPU provider only"):
+        qoperator(qdq_conv(), target=target)
+
+
+def test_a_float_model_is_left_alone_with_a_note() -> None:
+    model = se_block()
+    result = qoperator(model)
+    assert result.model.SerializeToString() == model.SerializeToString()
+    assert any("no Q/DQ groups" in n for n in result.report.notes)
+
+
+def test_bad_options_are_one_line_errors() -> None:
+    with pytest.raises(OptionError, match="bad regex"):
+        qoperator(qdq_conv(), "exclude=(")
+    with pytest.raises(OptionError, match="has no option 'format'"):
+        qoperator(qdq_conv(), "format=x")
+
+
+def test_shapes_are_inferred_through_the_contrib_kernels() -> None:
+    from onnxopt.shapes import infer_types
+
+    out = qoperator(quantized(se_block())).model
+    types = infer_types(out)
+    mul = next(n for n in out.graph.node if n.op_type == "QLinearMul")
+    dims = [d.dim_value for d in types[mul.output[0]].tensor_type.shape.dim]
+    assert dims == [2, 8, 8, 8] and types[mul.output[0]].tensor_type.elem_type == TensorProto.UINT8
