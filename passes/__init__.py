@@ -1,6 +1,7 @@
 """Built-in passes, one module per family; importing this package registers them."""
 
 from onnxopt.passes import (  # noqa: F401
+    compact_names,
     constants,
     cse,
     dead_code,

@@ -157,7 +157,7 @@ def slice_array(array: np.ndarray, axes: dict[int, np.ndarray]) -> np.ndarray:
     for axis in sorted(axes, key=lambda a: (axes[a].ndim != 2, a)):
         mask = axes[axis]
         array = _block_compress(array, mask, axis) if mask.ndim == 2 else np.compress(mask, array, axis=axis)
-    return np.ascontiguousarray(array)
+    return np.asarray(array, order="C")
 
 
 def _block_compress(array: np.ndarray, mask: np.ndarray, axis: int) -> np.ndarray:

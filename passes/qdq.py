@@ -494,10 +494,22 @@ def _tensor_params(
     ranges: dict[str, tuple[float, float]] = {}
     for name in plan.tensors:
         lo, hi = compute_range(stats[name], "minmax" if name in inputs else method, symmetric=symmetric, percentile=percentile)
+        if name in plan.scaled:  # in the units of its root's scale group
+            factor = plan.scaled[name][1]
+            lo, hi = lo / factor, hi / factor
         group = plan.group_of(name)
         old = ranges.get(group)
         ranges[group] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
-    return {name: activation_params(*ranges[plan.group_of(name)], symmetric=symmetric) for name in plan.tensors}
+    params = {name: activation_params(*ranges[plan.group_of(name)], symmetric=symmetric) for name in plan.tensors}
+    for name, (root, factor) in plan.scaled.items():
+        if name in params and root in params:  # the folded DequantizeLinear's parameters (see _Rewriter.apply)
+            params[name] = scaled_params(params[root], factor)
+    return params
+
+
+def scaled_params(params: QParams, factor: float) -> QParams:
+    """``params`` with the scale multiplied by ``factor`` in float32 (a Mul by a positive constant folded into a DQ)."""
+    return QParams(np.array(np.float32(params.scale) * np.float32(factor), np.float32), params.zero_point)
 
 
 @dataclass
@@ -612,8 +624,7 @@ class _Rewriter:
                     folded[id(node)] = None  # only read by another folded Mul
                     continue
                 root, factor = plan.folded[node.output[0]]
-                params = self.params[root]
-                scaled = QParams(np.array(np.float32(params.scale) * np.float32(factor), np.float32), params.zero_point)
+                scaled = scaled_params(self.params[root], factor)
                 base = node.output[0]
                 scale = self._init(f"{base}_scale", scaled.scale)
                 zero = self._init(f"{base}_zero_point", scaled.zero_point)

@@ -58,6 +58,9 @@ class Plan:
     folded: dict[str, tuple[str, float]] = field(default_factory=dict)  # ort-cpu: Mul(x, c > 0) output -> (root tensor, factor)
     weight_only: list[NodeProto] = field(default_factory=list)  # ort-cpu: output layers with int8 weights and float activations
     removed: set[int] = field(default_factory=set)  # ids of the Mul nodes folded into a DequantizeLinear scale
+    # ort-cpu: the output of a same-scale op (MaxPool, Reshape, ...) reading a folded Mul -> (root tensor, factor): its Q
+    # takes the root's parameters with the scale times factor, exactly as the folded DequantizeLinear does
+    scaled: dict[str, tuple[str, float]] = field(default_factory=dict)
     layers: list[NodeProto] = field(default_factory=list)  # every quantized Conv/Gemm/MatMul (also act x act) and weight-only layer
     float_path: set[str] = field(default_factory=set)  # quantized tensors also flowing float to an output: planned readers only
 
@@ -343,7 +346,11 @@ class Planner:
                 for c in consts:
                     plan.constants.setdefault(c, []).append(node)
             if op in ORT_SAME_SCALE:
-                plan.join(node.output[0], acts[0])
+                source = acts[0]
+                link = plan.folded.get(source) or plan.scaled.get(source)
+                plan.join(node.output[0], link[0] if link else source)
+                if link:
+                    plan.scaled[node.output[0]] = link  # onnxruntime drops the DQ/Q around the op only if they match
             output(node)
 
     def _feeds_int8(self, name: str) -> bool:

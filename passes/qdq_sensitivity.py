@@ -157,11 +157,11 @@ class _Graph:
         return None if tensor is None else numpy_helper.to_array(tensor)
 
     def store(self, name: str, array: np.ndarray) -> None:
-        self.inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.inits[name].CopyFrom(numpy_helper.from_array(np.asarray(array, order="C"), name))
 
     def add(self, base: str, array: np.ndarray) -> str:
         name = self.names.fresh(base)
-        tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        tensor = numpy_helper.from_array(np.asarray(array, order="C"), name)
         self.model.graph.initializer.append(tensor)
         self.inits[name] = self.model.graph.initializer[-1]
         return name

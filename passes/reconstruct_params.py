@@ -78,14 +78,14 @@ class Writer:
         old = TensorProto()
         old.CopyFrom(target)
         self.waves[-1].tensors.append((stored, old, stored.array))
-        target.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), target.name))
+        target.CopyFrom(numpy_helper.from_array(np.asarray(array, order="C"), target.name))
         stored.array = np.array(array, copy=True)
 
     def add_input(self, node: NodeProto, index: int, array: np.ndarray, base: str) -> None:
         """Give ``node`` a new initializer ``array`` as input ``index``."""
         self.waves[-1].inputs.append((node, list(node.input)))
         name = self.names.fresh(base)
-        self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.graph.initializer.append(numpy_helper.from_array(np.asarray(array, order="C"), name))
         while len(node.input) <= index:
             node.input.append("")
         node.input[index] = name

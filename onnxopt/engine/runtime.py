@@ -233,7 +233,7 @@ class EngineRunner:
             raise OnnxoptError(f"'{extra[0]}' is not an engine input (engine inputs: {listed})")
 
     def _bind_input(self, spec: TensorSpec, value: Any) -> None:
-        array = np.ascontiguousarray(value)
+        array = np.asarray(value, order="C")  # (ascontiguousarray makes a scalar 1-d)
         if spec.dtype is None:
             raise OnnxoptError(f"engine input '{spec.name}' is {spec.dtype_name}, which numpy cannot hold; EngineRunner does not feed it")
         if array.dtype != spec.dtype:

@@ -326,6 +326,46 @@ def test_ort_cpu_folds_positive_scalar_mul_into_scale() -> None:
     check_fidelity(model, out)
 
 
+@pytest.mark.parametrize("op", ["MaxPool", "Reshape"])
+def test_ort_cpu_same_scale_op_after_a_folded_mul_gets_the_folded_parameters(op: str) -> None:
+    """A hard-swish's final Mul by 1/6 is folded into a DequantizeLinear scale; the MaxPool (or Reshape) after it must
+    quantize its output with exactly those parameters, or onnxruntime keeps DQ -> MaxPool -> Q in float."""
+    same_scale = (
+        helper.make_node("MaxPool", ["m"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2])
+        if op == "MaxPool"
+        else helper.make_node("Reshape", ["m", "shape"], ["p"], name="pool")
+    )
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+        helper.make_node("Mul", ["c1", "sixth"], ["m"], name="mul"),
+        same_scale,
+        helper.make_node("Transpose", ["p"], ["t"], name="transpose", perm=[0, 1, 3, 2]),
+        helper.make_node("Conv", ["t", "w2"], ["c2"], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["y"], name="relu"),
+    ]
+    inits_ = [
+        init("w1", rand(4, 3, 1, 1)), init("sixth", np.array(1 / 6, np.float32)), init("w2", rand(4, 4, 1, 1)),
+        init("shape", np.array([1, 4, 2, 8], np.int64)),
+    ]  # fmt: skip
+    out_shape = [1, 4, 2, 2] if op == "MaxPool" else [1, 4, 8, 2]
+    model = make_model(nodes, [tensor_input("x", [1, 3, 4, 4])], [tensor_input("y", out_shape)], inits_)
+    result = quantize(model, "ort-cpu", "keep_outputs=false")
+    out = result.model
+    values = inits(out)
+    prod = producers(out)
+    dq_m = prod["m"]
+    assert dq_m.op_type == "DequantizeLinear" and prod[dq_m.input[0]].input[0] == "c1"
+    pool = next(n for n in out.graph.node if n.op_type == op)
+    (q_p,) = readers(out, pool.output[0])
+    assert q_p.op_type == "QuantizeLinear"
+    for index in (1, 2):  # scale and zero point, bit for bit
+        assert values[q_p.input[index]].tobytes() == values[dq_m.input[index]].tobytes()
+    transpose = next(n for n in out.graph.node if n.op_type == "Transpose")
+    q_t = readers(out, transpose.output[0])[0]
+    assert values[q_t.input[1]].tobytes() == values[dq_m.input[1]].tobytes()  # and onwards through the next same-scale op
+    check_fidelity(model, out)
+
+
 # ----------------------------------------------------------------------------- opset, exclusions, guards
 
 

@@ -282,3 +282,30 @@ def test_shapes_are_inferred_through_the_contrib_kernels() -> None:
     mul = next(n for n in out.graph.node if n.op_type == "QLinearMul")
     dims = [d.dim_value for d in types[mul.output[0]].tensor_type.shape.dim]
     assert dims == [2, 8, 8, 8] and types[mul.output[0]].tensor_type.elem_type == TensorProto.UINT8
+
+
+def test_bias_corrected_matmul_add_keeps_rank0_scales_and_becomes_qlinearadd() -> None:
+    """Bias correction rewrites the quantized bias constant of a transformer-style MatMul -> Add; its scale and zero
+    point must stay rank 0 (numpy's ascontiguousarray made them [1]), so the Add still becomes QLinearAdd."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["mm1"], name="dense1"),
+        helper.make_node("Add", ["mm1", "b1"], ["h"], name="dense1_bias"),
+        helper.make_node("Relu", ["h"], ["r"], name="act"),
+        helper.make_node("MatMul", ["r", "w2"], ["mm2"], name="dense2"),
+        helper.make_node("Add", ["mm2", "b2"], ["y"], name="dense2_bias"),
+    ]
+    inits = [init("w1", rand(16, 32, scale=0.3)), init("b1", rand(32, scale=0.5)), init("w2", rand(32, 8, scale=0.3)), init("b2", rand(8))]
+    model = make_model(nodes, [tensor_input("x", [4, 16])], [tensor_input("y", [4, 8])], inits, opset=17)
+    x = np.random.default_rng(2).standard_normal((64, 16)).astype(np.float32)
+    data = CalibrationData.from_arrays({"x": x}, model=model)
+    result = onnxopt.optimize(model, "qdq:method=minmax,bias_correction=true", target="ort-cpu", calibration=data, isolate=False)
+    assert any("bias correction" in note for note in result.report.notes), result.report.notes
+    qdq = result.model
+    constants = {t.name: t for t in qdq.graph.initializer}
+    quantizers = [n for n in qdq.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.input[1] in constants]
+    weights = {"w1_quantized", "w2_quantized"}  # per-channel: their scales are vectors by design
+    vector_scaled = [n.input[0] for n in quantizers if n.input[0] not in weights and len(constants[n.input[1]].dims)]
+    assert not vector_scaled, f"per-tensor Q/DQ with a vector scale: {vector_scaled}"
+    out = qoperator(qdq).model
+    assert ops(out)["com.microsoft.QLinearAdd"] == 1  # dense1_bias; dense2_bias feeds the graph output and stays float
+    assert_same_outputs(qdq, out)
