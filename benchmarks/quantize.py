@@ -19,9 +19,10 @@ is onnxruntime's per-channel dynamic INT8 (quantize_dynamic), its metric the cos
 mean-pooled sentence embeddings (mean and min over the evaluation sentences). Its passes are
 ``default,int8_dynamic:rounding=gptq`` (INT8 weights rounded by GPTQ on the calibration sentences,
 inputs quantized per call: the fast CPU form for encoders), PP-OCR rec's
-``default,int8_dynamic,qdq:rounding=gptq,float_share=0.9`` (its attention MatMuls dynamic, its convs
-static with GPTQ rounding, and float (int8 weights) the layers with the most error per MAC within
-90% of the quantized MACs), the others' ``default,qdq``; ``--passes`` sets one pipeline for every model.
+``default,int8_dynamic,qdq:rounding=gptq,float_share=0.9,qoperator`` (its attention MatMuls dynamic, its
+convs static with GPTQ rounding, and float (int8 weights) the layers with the most error per MAC within
+90% of the quantized MACs), the others' ``default,qdq,qoperator`` (``qoperator``: the Q/DQ groups stored as
+onnxruntime's QLinear kernels, the same outputs in a smaller file); ``--passes`` sets one pipeline for every model.
 """
 
 from __future__ import annotations
@@ -49,11 +50,16 @@ CALIB, EVAL = 32, 16
 # per-step agreement of 40-step lines: near-tie steps flip with one-LSB changes anywhere in the network, so four sets of
 # 64 lines differ by up to 0.004; 256 lines (10240 steps) tell 0.978 from 0.982
 EVAL_SAMPLES = {"ppocr_rec": 256}
-# every other model: default,qdq. rec: its MatMuls dynamic (no clipping), its convs static with GPTQ rounding, and the
+# every other model: default,qdq,qoperator. rec: its MatMuls dynamic (no clipping), its convs static with GPTQ rounding, and the
 # layers with the most output error per MAC kept float (int8 weights, float compute) within 90% of the quantized layers'
 # MACs (0.4: top-1 0.977, 0.8: 0.982, 0.9: 0.988 on 4 x 64 lines, all at about 0.58 of FP32 latency once qdq fuses the
 # hard-swish of the float layers). minilm: GPTQ-rounded int8 weights (calibration sentences), inputs quantized per call.
-PASSES = {"minilm": "default,int8_dynamic:rounding=gptq", "ppocr_rec": "default,int8_dynamic,qdq:rounding=gptq,float_share=0.9"}
+# qoperator (stop 18) writes the Q/DQ groups as the QLinear kernels onnxruntime builds from them: same outputs, smaller files.
+PASSES = {
+    "minilm": "default,int8_dynamic:rounding=gptq",
+    "ppocr_rec": "default,int8_dynamic,qdq:rounding=gptq,float_share=0.9,qoperator",
+}
+DEFAULT_PASSES = "default,qdq,qoperator"
 
 
 def _cached(name: str) -> Path:
@@ -270,7 +276,7 @@ def main() -> None:
         out_dir = Path(args.keep) if args.keep else Path(tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
         for name in args.models.split(","):
-            passes = args.passes or PASSES.get(name, "default,qdq")
+            passes = args.passes or PASSES.get(name, DEFAULT_PASSES)
             print(json.dumps(bench(name, args.runs, passes, out_dir)), flush=True)
 
 
