@@ -18,8 +18,9 @@ import string
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from onnx import AttributeProto, GraphProto, ModelProto
+from onnx import GraphProto, ModelProto
 
+from onnxopt.graph import iter_scopes, subgraphs
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, option
 from onnxopt.registry import register_pass
 
@@ -50,16 +51,6 @@ def short_names(reserved: set[str]) -> Iterator[str]:
         length += 1
 
 
-def graph_attributes(graph: GraphProto) -> Iterator[GraphProto]:
-    """The graphs held directly in ``graph``'s node attributes (If branches, Loop/Scan bodies, contrib ops'), in order."""
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == AttributeProto.GRAPH:
-                yield attr.g
-            elif attr.type == AttributeProto.GRAPHS:
-                yield from attr.graphs
-
-
 def value_names(graph: GraphProto) -> Iterator[str]:
     """Every value name ``graph`` and its subgraphs mention, in a fixed order (declarations, then nodes, then outputs)."""
     yield from (v.name for v in graph.input)
@@ -67,9 +58,8 @@ def value_names(graph: GraphProto) -> Iterator[str]:
     yield from (s.values.name for s in graph.sparse_initializer)
     for node in graph.node:
         yield from node.input
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == AttributeProto.GRAPH else attr.graphs if attr.type == AttributeProto.GRAPHS else []:
-                yield from value_names(sub)
+        for sub in subgraphs(node):
+            yield from value_names(sub)
         yield from node.output
     yield from (v.name for v in graph.output)
     yield from (v.name for v in graph.value_info)
@@ -80,34 +70,27 @@ def value_names(graph: GraphProto) -> Iterator[str]:
 
 def rename_graph(graph: GraphProto, new: Callable[[str], str]) -> None:
     """Apply ``new`` to every value name of ``graph`` and its subgraphs."""
-    for value in (*graph.input, *graph.output, *graph.value_info):
-        value.name = new(value.name)
-    for tensor in graph.initializer:
-        tensor.name = new(tensor.name)
-    for sparse in graph.sparse_initializer:
-        sparse.values.name = new(sparse.values.name)
-    for node in graph.node:
-        node.input[:] = [new(n) for n in node.input]
-        node.output[:] = [new(n) for n in node.output]
-    for note in graph.quantization_annotation:
-        note.tensor_name = new(note.tensor_name)
-        for entry in note.quant_parameter_tensor_names:
-            entry.value = new(entry.value)
-    for sub in graph_attributes(graph):
-        rename_graph(sub, new)
-
-
-def all_graphs(graph: GraphProto) -> Iterator[GraphProto]:
-    """``graph`` and every graph nested in it."""
-    yield graph
-    for sub in graph_attributes(graph):
-        yield from all_graphs(sub)
+    for scope in iter_scopes(graph):
+        g = scope.graph
+        for value in (*g.input, *g.output, *g.value_info):
+            value.name = new(value.name)
+        for tensor in g.initializer:
+            tensor.name = new(tensor.name)
+        for sparse in g.sparse_initializer:
+            sparse.values.name = new(sparse.values.name)
+        for node in g.node:
+            node.input[:] = [new(n) for n in node.input]
+            node.output[:] = [new(n) for n in node.output]
+        for note in g.quantization_annotation:
+            note.tensor_name = new(note.tensor_name)
+            for entry in note.quant_parameter_tensor_names:
+                entry.value = new(entry.value)
 
 
 def text_bytes(graph: GraphProto) -> int:
     """Characters of value names, node names and doc strings in ``graph`` and its subgraphs."""
     total = sum(len(name) for name in value_names(graph))
-    return total + sum(len(node.name) + len(node.doc_string) for sub in all_graphs(graph) for node in sub.node)
+    return total + sum(len(node.name) + len(node.doc_string) for scope in iter_scopes(graph) for node in scope.graph.node)
 
 
 @register_pass
@@ -146,7 +129,8 @@ class CompactNames(Pass):
         if renamed:
             rename_graph(graph, lambda name: mapping.get(name, name))
             result.count("values_renamed", renamed)
-        for sub in all_graphs(graph):
+        for scope in iter_scopes(graph):
+            sub = scope.graph
             for node in sub.node:
                 if node.name and not options.node_names:
                     node.name = ""
