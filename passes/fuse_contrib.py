@@ -2,7 +2,9 @@
 
 Rules (each a matcher that raises :class:`~onnxopt.passes.noop_rules.NoMatch` with a reason):
 ``Add(x, bias)`` + GELU -> ``BiasGelu`` / ``FastGelu(x, bias)``, and ``Add(x, skip)`` [+ bias
-``Add``] + ``LayerNormalization(axis=-1)`` -> ``SkipLayerNormalization``. The rewrite helpers
+``Add``] + ``LayerNormalization(axis=-1)`` -> ``SkipLayerNormalization``; on ``ort-cpu``, where
+that kernel is slow, the residual ``Add`` before a LayerNormalization becomes ``Sum`` instead so
+that onnxruntime does not fuse it at load time. The rewrite helpers
 here (:class:`ContribFusion`, :func:`apply_rewrites`) also serve ``fuse_activations``, which
 writes com.microsoft ``Gelu`` / ``FastGelu`` for these targets. On every other target nothing
 here emits a non-standard op.
@@ -13,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import NodeProto
+from onnx import NodeProto, TensorProto
 
 from onnxopt.graph import GraphScope, GraphView, is_standard
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_choices, option
@@ -23,7 +25,8 @@ from onnxopt.passes.fusion_support import Fusion, apply_fusions, check_private, 
 from onnxopt.passes.noop_rules import NoMatch, get_attr, require
 from onnxopt.registry import register_pass
 
-KINDS = ("bias_gelu", "fast_gelu_bias", "skip_layernorm")
+KINDS = ("bias_gelu", "fast_gelu_bias", "skip_layernorm", "residual_sum")
+SUM_MIN_OPSET = 8  # Sum broadcasts from opset 8
 
 
 # ----------------------------------------------------------------------------- shared checks
@@ -169,11 +172,33 @@ def match_skip_layernorm(ln: NodeProto, view: GraphView, ctx: PassContext) -> Fu
     )
 
 
+def match_residual_sum(ln: NodeProto, view: GraphView, ctx: PassContext) -> Fusion:
+    """ort-cpu: ``LayerNormalization(Add(a, b))`` with a, b computed float32 -> ``LayerNormalization(Sum(a, b))``.
+
+    onnxruntime's session (ORT_ENABLE_ALL) fuses such an Add into com.microsoft
+    SkipLayerNormalization, whose 1.32 CPU kernel is about 6x slower than Add + LayerNormalization;
+    its fusion matches ``Add`` only, and a two-input ``Sum`` computes the same sum at Add's speed.
+    Only the Adds it would fuse are rewritten: two computed operands (no bias constant, which
+    other fusions take), read by this LayerNormalization alone, not a graph output.
+    """
+    require(is_standard(ln) and ln.op_type == "LayerNormalization", "not a LayerNormalization")
+    add = producer(view, ln.input[0], "Add")
+    require(len(add.input) == 2, "the Add does not have two inputs")
+    require(all(const_name(view, name) is None for name in add.input), "the Add adds a constant (a bias, not a skip)")
+    dtype = elem(ctx, add.output[0])
+    require(dtype == TensorProto.FLOAT, f"the sum has element type {dtype}, not float32")
+    require(add.output[0] not in view.graph_outputs, f"the sum '{add.output[0]}' is a graph output")
+    readers = view.consumers.get(add.output[0], [])
+    require(all(r is ln for r in readers), f"the sum '{add.output[0]}' is also read outside the LayerNormalization")
+    return Fusion("residual_sum", "Sum", list(add.input), add.output[0], [add], SUM_MIN_OPSET)
+
+
 # (kind, anchor op types, matcher)
 MATCHERS = (
     ("bias_gelu", ("Gelu",), match_bias_gelu),
     ("fast_gelu_bias", ("Gelu", "FastGelu"), match_bias_gelu),
     ("skip_layernorm", ("LayerNormalization",), match_skip_layernorm),
+    ("residual_sum", ("LayerNormalization",), match_residual_sum),
 )
 
 
@@ -181,7 +206,7 @@ def anchors_of(node: NodeProto, kind: str) -> bool:
     """Whether ``node`` can anchor a match of ``kind`` (standard ops, or the com.microsoft GELUs this module knows)."""
     if not (is_standard(node) or (node.domain == MS_DOMAIN and node.op_type in ("Gelu", "FastGelu"))):
         return False
-    if kind == "skip_layernorm":
+    if kind in ("skip_layernorm", "residual_sum"):
         return is_standard(node) and node.op_type == "LayerNormalization"
     try:
         return gelu_kind(node)[0] == kind
@@ -212,7 +237,10 @@ class FuseContrib(Pass):
     SkipLayerNormalization is not fused for ``ort-cpu`` unless ``skip_layernorm_on_cpu``: on
     onnxruntime 1.32 its CPU kernel measured about 9x slower than Add + LayerNormalization
     (12 blocks of [8, 128, 384], 1 thread: 29 ms against 3.2 ms). Note that onnxruntime's own
-    ORT_ENABLE_ALL session optimization makes the same fusion when it can prove the shapes.
+    ORT_ENABLE_ALL session optimization makes the same fusion when it can prove the shapes, so
+    there (kind ``residual_sum``) the residual float32 ``Add`` of two computed values read only by
+    a LayerNormalization is written as ``Sum``, which that fusion does not match (one block of
+    [1, 128, 384]: 230 us as SkipLayerNormalization, 42 us as Sum + LayerNormalization).
 
     Types of values after contrib nodes come from their shape stand-ins
     (:mod:`onnxopt.passes.contrib_ops`).
@@ -228,7 +256,9 @@ class FuseContrib(Pass):
     class Options(PassOptions):
         """Options of fuse_contrib."""
 
-        kinds: tuple[str, ...] = option(KINDS, "fusions to apply, separated by '|' (bias_gelu|fast_gelu_bias|skip_layernorm)")
+        kinds: tuple[str, ...] = option(
+            KINDS, "fusions to apply, separated by '|' (bias_gelu|fast_gelu_bias|skip_layernorm|residual_sum)"
+        )
         skip_layernorm_on_cpu: bool = option(
             False, "ort-cpu: fuse SkipLayerNormalization too (onnxruntime 1.32's CPU kernel is ~9x slower than Add + LayerNormalization)"
         )
@@ -250,6 +280,8 @@ class FuseContrib(Pass):
         wanted = set(self.options.kinds)  # type: ignore[attr-defined]
         if ctx.target == "ort-cpu" and not self.options.skip_layernorm_on_cpu:  # type: ignore[attr-defined]
             wanted.discard("skip_layernorm")
+        else:
+            wanted.discard("residual_sum")
         matches: list[Fusion] = []
         for kind, types, matcher in MATCHERS:
             if kind not in wanted:

@@ -395,3 +395,62 @@ def test_left_for_a_later_qdq() -> None:
     result = onnxopt.optimize(model, "fuse_activations,fuse_contrib,qdq", target="ort-cpu", calibration="random", isolate=False)
     assert not any(n.domain == "com.microsoft" and n.op_type in ("BiasGelu", "FastGelu") for n in result.model.graph.node)
     assert any("skipped: qdq runs later" in w for w in result.report.notes)
+
+
+# ----------------------------------------------------------------------------- residual Sum (ort-cpu)
+
+
+def session_ops(model: ModelProto, tmp_path) -> list[str]:
+    """The op types of the graph onnxruntime's CPU session runs after its own ORT_ENABLE_ALL fusions."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "session.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+@pytest.mark.parametrize("x_shape", [(2, 3, H), ("batch", "seq", H)])
+def test_residual_add_becomes_sum_so_onnxruntime_keeps_its_fast_layernorm(x_shape, tmp_path) -> None:
+    """ort-cpu: onnxruntime fuses the original's Add + LayerNormalization into its slow SkipLayerNormalization, not the Sum."""
+    model = residual_ln(x_shape=x_shape, bias=True)
+    result = run(model, PASS)
+    assert ops(result.model) == ["MatMul", "Add", "Sum", "LayerNormalization"]
+    assert "SkipLayerNormalization" in session_ops(model, tmp_path)
+    assert "SkipLayerNormalization" not in session_ops(result.model, tmp_path)
+    assert_equivalent(model, result.model, {"x": weights(2, 3, H), "skip": weights(2, 3, H)})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "why"),
+    [
+        ({"sum_read": True}, "the sum is also read by the next block (onnxruntime does not fuse it)"),
+        ({"dtype": TensorProto.FLOAT16}, "float16: only float32 is rewritten"),
+    ],
+)
+def test_residual_sum_guards(kwargs, why) -> None:
+    model = residual_ln(**kwargs)
+    result = run(model, PASS)
+    assert "Sum" not in ops(result.model), why
+    assert_equivalent(model, result.model)
+
+
+def test_residual_sum_leaves_bias_adds_and_graph_outputs() -> None:
+    """An Add of a constant (a bias) and an Add whose sum is a graph output stay Adds."""
+    model = residual_ln()
+    model.graph.node[1].input[1] = "c"
+    model.graph.initializer.append(init("c", weights(2, 3, H)))
+    model.graph.input.pop()
+    assert "Sum" not in ops(run(model, PASS).model)
+    exposed = residual_ln()
+    exposed.graph.output.append(tensor_input("s", (2, 3, H)))
+    assert "Sum" not in ops(run(exposed, PASS).model)
+
+
+def test_residual_sum_is_ort_cpu_only_and_gives_way_to_skip_layernorm() -> None:
+    model = residual_ln()
+    assert "Sum" not in ops(run(model, PASS, target="ort-gpu").model)
+    assert "Sum" not in ops(run(model, PASS, target="portable").model)
+    assert "Sum" not in ops(run(model, PASS_ALL).model)
+    assert "Sum" not in ops(run(model, "fuse_contrib:kinds=bias_gelu").model)
