@@ -256,9 +256,7 @@ class FuseContrib(Pass):
     class Options(PassOptions):
         """Options of fuse_contrib."""
 
-        kinds: tuple[str, ...] = option(
-            KINDS, "fusions to apply, separated by '|' (bias_gelu|fast_gelu_bias|skip_layernorm|residual_sum)"
-        )
+        kinds: tuple[str, ...] = option(KINDS, "fusions to apply, separated by '|' (bias_gelu|fast_gelu_bias|skip_layernorm|residual_sum)")
         skip_layernorm_on_cpu: bool = option(
             False, "ort-cpu: fuse SkipLayerNormalization too (onnxruntime 1.32's CPU kernel is ~9x slower than Add + LayerNormalization)"
         )
