@@ -10,6 +10,8 @@ statistics-driven guard forbids some tensors. Two placements:
   the ops onnxruntime's CPU QDQ transformer runs in uint8 (Add, Mul, Concat, pools, Sigmoid,
   Resize, data movement), so that its QLinear* kernels replace whole chains; a Conv's single
   Relu/Clip reader is absorbed (the Q after it has zero point 0, onnxruntime drops the Relu).
+  ConvTranspose, which onnxruntime's CPU provider computes in float whatever its Q/DQ, keeps
+  float activations with int8 weights (no Q/DQ pair between it and a float reader).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from onnxopt.graph import GraphView, is_standard
 from onnxopt.passbase import matches_pattern
 
 ANCHORS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# anchors onnxruntime (1.32) runs in float on the CPU whatever their Q/DQ: int8 weights, float activations on ort-cpu
+FLOAT_ON_CPU = ("ConvTranspose",)
 # layers an earlier pass already quantized (int8_dynamic, woq): like an anchor, they end a float tail
 QUANTIZED_LAYERS = frozenset({"DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention", "MatMulNBits", "MatMulInteger", "ConvInteger"})
 # ops that onnxruntime CPU runs in uint8 between DQ and Q (QLinear* kernels, or uint8 directly)
@@ -193,7 +197,8 @@ class Planner:
         for node in view.nodes:
             if node.op_type not in ANCHORS or not self.weight_ok(node):
                 continue
-            if id(node) in self.weight_only_ids:
+            # onnxruntime's CPU provider has no integer ConvTranspose kernel: it computes a Q/DQ one in float anyway
+            if id(node) in self.weight_only_ids or (self.ort and node.op_type in FLOAT_ON_CPU):
                 if self.ort and view.is_constant(node.input[1]) and not any(i in forbidden for i in node.input if i):
                     plan.weight_only.append(node)
                 continue

@@ -154,3 +154,27 @@ def test_the_float_weight_is_int8_in_the_file() -> None:
     stored = {t.name: t.data_type for t in out.graph.initializer}
     assert "stem_w" not in stored and "dw_w" not in stored
     assert sum(1 for t in stored.values() if t == TensorProto.INT8) >= 4
+
+
+def upsampling_head() -> ModelProto:
+    """x[3ch] -> 1x1 Conv (3 -> 8) -> Relu -> ConvTranspose 2x2/2 (8 -> 8) -> Relu -> ConvTranspose 2x2/2 (8 -> 1) -> y."""
+    up1 = helper.make_node("ConvTranspose", ["c_r", "t1_w", "t1_b"], ["t1"], name="t1", kernel_shape=[2, 2], strides=[2, 2])
+    up2 = helper.make_node("ConvTranspose", ["t1_r", "t2_w"], ["y"], name="t2", kernel_shape=[2, 2], strides=[2, 2])
+    first, inits = conv("c", "x", "c_out", rand(8, 3, 1, 1) * 0.3)
+    nodes = [first, helper.make_node("Relu", ["c_out"], ["c_r"]), up1, helper.make_node("Relu", ["t1"], ["t1_r"]), up2]
+    inits += [init("t1_w", rand(8, 8, 2, 2) * 0.3), init("t1_b", rand(8) * 0.1), init("t2_w", rand(8, 1, 2, 2) * 0.3)]
+    return make_model(nodes, [tensor_input("x", [2, 3, 12, 12])], [tensor_input("y", [2, 1, 48, 48])], inits, opset=17)
+
+
+def test_ort_cpu_computes_conv_transpose_in_float_with_int8_weights() -> None:
+    """onnxruntime's CPU provider has no integer ConvTranspose: no Q/DQ round trip between the two upsampling layers."""
+    model = upsampling_head()
+    out = quantize(model, "ort-cpu").model
+    quantized = {n.input[0] for n in out.graph.node if n.op_type == "QuantizeLinear"}
+    assert not quantized & {"t1", "t1_r", "y"}, quantized
+    assert input_is_dequantized(out, "t1") and not input_is_dequantized(out, "t2")  # t1 reads the QLinearConv's uint8 output
+    assert weight_source(out, "c") == "dq" and weight_source(out, "t1") != "float" and weight_source(out, "t2") != "float"
+    assert not any(t.name in ("t1_w", "t2_w") for t in out.graph.initializer)  # stored as int8 under new names
+    check_fidelity(model, out)
+    trt = quantize(model, "trt").model
+    assert input_is_dequantized(trt, "t1") and input_is_dequantized(trt, "t2")
