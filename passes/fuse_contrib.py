@@ -62,6 +62,12 @@ def match_bias_add(view: GraphView, ctx: PassContext, add: NodeProto) -> tuple[s
     return x, vector(view, bias, hidden, rank(ctx, x), "bias")  # type: ignore[arg-type]
 
 
+def read_only_by(view: GraphView, value: str, reader: NodeProto, role: str, reader_kind: str) -> None:
+    """``value`` must be no graph output and read by ``reader`` alone; NoMatch naming the ``role`` otherwise."""
+    require(value not in view.graph_outputs, f"the {role} '{value}' is a graph output")
+    require(all(r is reader for r in view.consumers.get(value, [])), f"the {role} '{value}' is also read outside the {reader_kind}")
+
+
 def check_dtype(ctx: PassContext, x: str) -> None:
     """``x`` must have an element type the target's kernels take."""
     dtype = elem(ctx, x)
@@ -92,9 +98,7 @@ def match_bias_gelu(gelu: NodeProto, view: GraphView, ctx: PassContext) -> Fusio
     x, bias = match_bias_add(view, ctx, add)
     check_dtype(ctx, x)
     check_private(view, [add], add.output[0])
-    readers = view.consumers.get(add.output[0], [])
-    require(add.output[0] not in view.graph_outputs, f"the biased value '{add.output[0]}' is a graph output")
-    require(all(r is gelu for r in readers), f"the biased value '{add.output[0]}' is also read outside the GELU")
+    read_only_by(view, add.output[0], gelu, "biased value", "GELU")
     return Fusion(kind, op_type, [x, bias], gelu.output[0], [add, gelu], 1, domain=MS_DOMAIN)
 
 
@@ -187,9 +191,7 @@ def match_residual_sum(ln: NodeProto, view: GraphView, ctx: PassContext) -> Fusi
     require(all(const_name(view, name) is None for name in add.input), "the Add adds a constant (a bias, not a skip)")
     dtype = elem(ctx, add.output[0])
     require(dtype == TensorProto.FLOAT, f"the sum has element type {dtype}, not float32")
-    require(add.output[0] not in view.graph_outputs, f"the sum '{add.output[0]}' is a graph output")
-    readers = view.consumers.get(add.output[0], [])
-    require(all(r is ln for r in readers), f"the sum '{add.output[0]}' is also read outside the LayerNormalization")
+    read_only_by(view, add.output[0], ln, "sum", "LayerNormalization")
     return Fusion("residual_sum", "Sum", list(add.input), add.output[0], [add], SUM_MIN_OPSET)
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime  # noqa: F401  (a missing onnxruntime is an error, never a skip)
+import onnxruntime  # a missing onnxruntime is an error, never a skip
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 import onnxopt
@@ -70,3 +71,13 @@ def assert_equivalent(
 def op_types(model: ModelProto) -> list[str]:
     """The op types of the main graph's nodes, in order."""
     return [n.op_type for n in model.graph.node]
+
+
+def session_graph(model: ModelProto, folder: Path, level: Any = None) -> ModelProto:
+    """The graph onnxruntime's CPU session runs after its own load-time optimizations (``level``, default ORT_ENABLE_ALL)."""
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL if level is None else level
+    options.optimized_model_filepath = str(folder / "session.onnx")
+    options.log_severity_level = 3
+    onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return onnx.load(options.optimized_model_filepath)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from helpers import assert_equivalent, init, make_model, tensor_input
+from helpers import assert_equivalent, init, make_model, session_graph, tensor_input
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 import onnxopt
@@ -608,11 +608,7 @@ def test_float_layer_weight_is_folded_by_onnxruntime(tmp_path) -> None:
     out = quantize(model, "ort-cpu", "keep_outputs=false,keep_float=3,bias_correction=false").model
     q, scale = folded_weight(out, node_named(out, "conv2"))
     assert q.dtype == np.int8 and scale.shape == (8, 1, 1, 1)  # the file stores int8, per output channel
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.optimized_model_filepath = str(tmp_path / "loaded.onnx")
-    ort.InferenceSession(out.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    loaded = onnx.load(str(tmp_path / "loaded.onnx"))
+    loaded = session_graph(out, tmp_path, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
     assert not [n for n in loaded.graph.node if n.op_type == "Cast"], "onnxruntime left a weight Cast unfolded"
     conv2 = node_named(loaded, "conv2")
     folded = {t.name: numpy_helper.to_array(t) for t in loaded.graph.initializer}[conv2.input[1]]
