@@ -43,7 +43,7 @@ from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from onnxopt.calibration import RANGE_METHODS, CalibrationData, TensorStats, collect_stats, compute_range
 from onnxopt.errors import OnnxoptError, OptionError, one_line
-from onnxopt.graph import GraphView, NameGenerator, drop_unread_initializers, opset_version
+from onnxopt.graph import GraphView, NameGenerator, drop_unread_initializers, iter_scopes, opset_version
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_patterns, option
 from onnxopt.passes.fusion_support import const_name
 from onnxopt.passes.qdq_gather import quantize_gathers
@@ -424,9 +424,11 @@ def _fuse_float_activations(model: ModelProto, ctx: PassContext, result: PassRes
     runs it in uint8 (see fuse_activation.int8_clip_form)."""
     from onnxopt.passes.fuse_activation import FuseActivations
 
+    read = {name for scope in iter_scopes(model.graph) for node in scope.graph.node for name in node.input}
     fused = FuseActivations(kinds=("hardswish", "hardsigmoid")).run(model, ctx)
     done = sum(fused.counts.values())
     if done:
+        drop_unread_initializers(model, read)  # the fused ops' constants (fuse_activations leaves them to dead_code)
         ctx.invalidate()
         result.count("float_activations_fused", done)
         result.notes.append(f"qdq: fused {done} Clip-form hard-swish/hard-sigmoid(s) of layers left float")

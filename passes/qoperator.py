@@ -142,6 +142,7 @@ def _apply(graph: GraphProto, view: GraphView, matches: list[QMatch], ctx: PassC
     zeros: dict[int, str] = {}
     replaced: dict[int, list[NodeProto]] = {}
     stale: set[str] = set()
+    read_by_groups: set[str] = set()
     for found in matches:
         inputs = [_input(graph, item, zeros, ctx) for item in found.inputs]
         node = helper.make_node(
@@ -154,6 +155,7 @@ def _apply(graph: GraphProto, view: GraphView, matches: list[QMatch], ctx: PassC
             node.attribute.append(value if isinstance(value, AttributeProto) else helper.make_attribute(key, value))
         for old in found.nodes:
             replaced[id(old)] = []
+            read_by_groups.update(old.input)
             stale.update(o for o in old.output if o and o != found.output)
         replaced[id(found.nodes[-1])] = [node]
         result.count(f"{found.anchor.op_type}_to_{found.op_type}")
@@ -161,7 +163,7 @@ def _apply(graph: GraphProto, view: GraphView, matches: list[QMatch], ctx: PassC
     removed = _sweep_unread(graph)
     stale |= {o for n in removed for o in n.output}
     drop_value_info(graph, stale)
-    dropped = drop_unread_initializers(ctx.model, {i for n in removed for i in n.input})
+    dropped = drop_unread_initializers(ctx.model, read_by_groups | {i for n in removed for i in n.input})
     if removed:
         result.count("qdq_nodes_removed", len(removed))
     if dropped:

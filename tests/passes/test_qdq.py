@@ -904,3 +904,16 @@ def test_ort_cpu_fuses_the_hardswish_of_float_layers_only() -> None:
     check_fidelity(model, out)
     again = onnxopt.optimize(out, "fuse_activations", target="ort-cpu", isolate=False)  # its Q/DQ pairs stop a later fusion
     assert sum(n.op_type == "Clip" for n in again.model.graph.node) == 1
+
+
+def test_fusing_the_float_hardswishes_drops_their_constants() -> None:
+    """Both hard-swishes stay float and are fused; their Add/Clip/Div constants, read by nothing now, go too."""
+    model = hardswish_chain()
+    spec = "fuse_activations,qdq:method=minmax,keep_outputs=false,exclude=conv1|conv2"
+    result = onnxopt.optimize(model, spec, target="ort-cpu", calibration=calib(model), isolate=False)
+    out = result.model
+    assert result.report.passes[-1].counts["float_activations_fused"] == 2
+    read = {name for node in out.graph.node for name in node.input}
+    assert not {"three", "zero", "six"} & {t.name for t in out.graph.initializer}
+    assert all(t.name in read for t in out.graph.initializer)
+    check_fidelity(model, out)

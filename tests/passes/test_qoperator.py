@@ -205,6 +205,8 @@ def test_conv_group_with_an_absorbed_activation_becomes_qlinearconv(act, clip, y
     conv = next(n for n in out.graph.node if n.op_type == "QLinearConv")
     assert conv.name == "conv" and conv.input[8] == "b"
     assert "bs" not in initializer_names(out) and "wz" not in initializer_names(out)  # derived scale, zero zero points
+    if act == "Clip":
+        assert not {"lo", "hi"} & initializer_names(out)  # the absorbed Clip's bounds go with it
     assert_same_outputs(model, out)
 
 
