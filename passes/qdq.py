@@ -488,13 +488,16 @@ def _concat_guard(plan: Plan, stats: dict[str, TensorStats], ratio: float, resul
 def _tensor_params(
     plan: Plan, stats: dict[str, TensorStats], method: str, percentile: float, symmetric: bool, inputs: frozenset[str] = frozenset()
 ) -> dict[str, QParams]:
-    """Parameters of every planned tensor; members of one scale group share the union of their ranges.
+    """Parameters of every planned tensor; members of one scale group share the union of their ranges (borrowers
+    excepted: they take their group's range without widening it).
 
     Graph inputs take their observed range (minmax): preprocessed inputs are bounded, and the entropy
     method clips inputs whose mass sits at the range's end (white page pixels) far too tightly.
     """
     ranges: dict[str, tuple[float, float]] = {}
     for name in plan.tensors:
+        if name in plan.borrowed:
+            continue  # takes its group's range (a Concat input: the Concat output's)
         lo, hi = compute_range(stats[name], "minmax" if name in inputs else method, symmetric=symmetric, percentile=percentile)
         if name in plan.scaled:  # in the units of its root's scale group
             factor = plan.scaled[name][1]
@@ -502,6 +505,13 @@ def _tensor_params(
         group = plan.group_of(name)
         old = ranges.get(group)
         ranges[group] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+    lent = set(ranges)
+    for name in plan.tensors:  # a group of borrowers only (no lender among the planned tensors): their own union
+        group = plan.group_of(name)
+        if name in plan.borrowed and group not in lent:
+            lo, hi = compute_range(stats[name], method, symmetric=symmetric, percentile=percentile)
+            old = ranges.get(group)
+            ranges[group] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
     params = {name: activation_params(*ranges[plan.group_of(name)], symmetric=symmetric) for name in plan.tensors}
     for name, (root, factor) in plan.scaled.items():
         if name in params and root in params:  # the folded DequantizeLinear's parameters (see _Rewriter.apply)
