@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, helper
 
 from onnxopt.errors import OnnxoptError
-from onnxopt.graph import GraphScope, GraphView, drop_unread_initializers, outer_references, subgraphs
+from onnxopt.graph import GraphScope, GraphView, drop_unread_initializers, is_standard, outer_references, subgraphs
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, check_patterns, matches_pattern, option
 from onnxopt.passes.contrib_ops import MS_DOMAIN
 from onnxopt.passes.cse import DedupeInitializers
@@ -43,6 +43,7 @@ from onnxopt.shapes import StaticType, register_standin
 
 PASS_NAME = "qoperator"
 TARGET = "ort-cpu"
+FLOAT_BY_CHOICE = "float by choice"  # the misses key of layers qdq keeps float with int8 weights (not a failed match)
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 ZERO_TYPES = {TensorProto.UINT8: "uint8", TensorProto.INT8: "int8"}
 
@@ -97,7 +98,14 @@ class QOperatorForm(Pass):
         options: QOperatorOptions = self.options  # type: ignore[assignment]
         view = ctx.view(scope.graph)
         matches, misses = _find(view, ctx, options)
+        float_layers = misses.pop(FLOAT_BY_CHOICE, 0)
         result = PassResult()
+        if float_layers:
+            result.count("float_layers_kept", float_layers)
+            result.notes.append(
+                f"{PASS_NAME}: {float_layers} layer(s) that qdq left to compute in float with int8 weights (read as Cast x scale) "
+                "kept as they are"
+            )
         if matches:
             _apply(scope.graph, view, matches, ctx, result)
             ctx.invalidate()
@@ -124,6 +132,9 @@ def _find(view: GraphView, ctx: PassContext, options: QOperatorOptions) -> tuple
         if matches_pattern(node.name, options.exclude) or node.op_type in options.exclude:
             misses["excluded"] += 1
             continue
+        if _float_by_choice(view, node):
+            misses[FLOAT_BY_CHOICE] += 1
+            continue
         try:
             found_match = rule(node, view, ctx, options.contrib)
         except NoMatch as exc:
@@ -135,6 +146,20 @@ def _find(view: GraphView, ctx: PassContext, options: QOperatorOptions) -> tuple
         claimed |= ids
         found.append(found_match)
     return found, misses
+
+
+def _float_by_choice(view: GraphView, node: NodeProto) -> bool:
+    """Whether ``node`` is a layer qdq keeps in float on purpose: its weight is ``Cast(int8 constant) x scale``."""
+    if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.input) < 2:
+        return False
+    mul = view.producer.get(node.input[1])
+    if mul is None or mul.op_type != "Mul" or not is_standard(mul):
+        return False
+    cast = view.producer.get(mul.input[0])
+    if cast is None or cast.op_type != "Cast" or not is_standard(cast):
+        return False
+    weight = view.initializers.get(cast.input[0])
+    return weight is not None and weight.data_type == TensorProto.INT8 and view.is_constant(mul.input[1])
 
 
 def _apply(graph: GraphProto, view: GraphView, matches: list[QMatch], ctx: PassContext, result: PassResult) -> None:

@@ -311,3 +311,26 @@ def test_bias_corrected_matmul_add_keeps_rank0_scales_and_becomes_qlinearadd() -
     out = qoperator(qdq).model
     assert ops(out)["com.microsoft.QLinearAdd"] == 1  # dense1_bias; dense2_bias feeds the graph output and stays float
     assert_same_outputs(qdq, out)
+
+
+def test_layers_qdq_keeps_float_with_int8_weights_are_noted_as_a_choice() -> None:
+    """A depthwise conv over 8 channels computes in float on ort-cpu (int8 weights read as Cast x scale): qoperator keeps
+    it, says why, and does not count it among the groups it failed to rewrite."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["c1", "wd"], ["c2"], name="depthwise", pads=[1, 1, 1, 1], group=8),
+        helper.make_node("Conv", ["c2", "w3"], ["y"], name="conv3", pads=[1, 1, 1, 1]),
+    ]
+    inits = [init("w1", rand(8, 8, 3, 3, scale=0.2)), init("wd", rand(8, 1, 3, 3, scale=0.3)), init("w3", rand(4, 8, 3, 3, scale=0.2))]
+    model = make_model(nodes, [tensor_input("x", [1, 8, 6, 6])], [tensor_input("y", [1, 4, 6, 6])], inits, opset=17)
+    x = np.random.default_rng(1).standard_normal((16, 8, 6, 6)).astype(np.float32)
+    data = CalibrationData.from_arrays({"x": x}, model=model)
+    q = onnxopt.optimize(model, "qdq:method=minmax,keep_outputs=false", target="ort-cpu", calibration=data, isolate=False).model
+    result = qoperator(q)
+    depthwise = next(n for n in result.model.graph.node if n.name == "depthwise")
+    assert depthwise.op_type == "Conv"
+    assert ops(result.model)["QLinearConv"] == 1  # conv1 (conv3 writes the float graph output)
+    notes = result.report.notes
+    assert any("1 layer(s) that qdq left to compute in float with int8 weights" in n for n in notes), notes
+    assert not any("wd_dq" in n for n in notes), notes  # the weight-only layer is not reported as a failed match
+    assert_same_outputs(q, result.model)
