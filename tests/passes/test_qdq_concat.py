@@ -106,7 +106,8 @@ def test_qoperator_writes_a_qlinearconcat_with_one_scale() -> None:
 def test_trt_placement_is_unchanged() -> None:
     """TensorRT already joins Concat inputs with the output (the union of the ranges); no borrowing there."""
     model = upsample_concat()
-    out = onnxopt.optimize(model, "qdq:method=percentile,keep_outputs=false", target="trt", calibration=calibration(model), isolate=False).model
+    spec = "qdq:method=percentile,keep_outputs=false"
+    out = onnxopt.optimize(model, spec, target="trt", calibration=calibration(model), isolate=False).model
     dq_inputs = [n for n in out.graph.node if n.op_type == "QuantizeLinear"]
     assert {n.input[0] for n in dq_inputs} >= {"ua", "ub"}
     assert scale_of(out, "ua") == scale_of(out, "ub")
