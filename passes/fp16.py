@@ -54,6 +54,7 @@ needs: every precision change is an explicit Cast.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -168,7 +169,7 @@ def _default_opset(model: ModelProto) -> int:
 
 
 def calibrated_absmax(model: ModelProto, tensors: list[str], calibration: Any) -> dict[str, float]:
-    """Largest finite |value| of each tensor over the calibration data.
+    """Largest finite |value| of each tensor over the calibration data (inf for one that held only inf/NaN).
 
     A :class:`onnxopt.calibration.CalibrationData` goes through ``collect_stats`` (batched,
     bounded memory); any other object with ``batches(batch_size)`` yielding input dicts is run
@@ -177,7 +178,8 @@ def calibrated_absmax(model: ModelProto, tensors: list[str], calibration: Any) -
     from onnxopt.calibration import CalibrationData, collect_stats
 
     if isinstance(calibration, CalibrationData):
-        return {name: float(stat.absmax) for name, stat in collect_stats(model, tensors, calibration).items()}
+        stats = collect_stats(model, tensors, calibration).items()
+        return {name: float(stat.absmax) if stat.count or not stat.nonfinite else math.inf for name, stat in stats}
     if not callable(getattr(calibration, "batches", None)):
         raise OnnxoptError(f"fp16: calibration data must have a batches(batch_size) method, not {type(calibration).__name__}")
     from onnxopt.verify import create_session
@@ -189,10 +191,17 @@ def calibrated_absmax(model: ModelProto, tensors: list[str], calibration: Any) -
     session = create_session(probe)
     names = list(tensors)
     result = dict.fromkeys(names, 0.0)
+    seen_finite: set[str] = set()
+    seen_nonfinite: set[str] = set()
     for feeds in calibration.batches(1):
         for name, value in zip(names, session.run(names, dict(feeds))):
-            finite = np.asarray(value, dtype=np.float64)
-            finite = finite[np.isfinite(finite)]
+            values = np.asarray(value, dtype=np.float64)
+            finite = values[np.isfinite(values)]
+            if finite.size < values.size:
+                seen_nonfinite.add(name)
             if finite.size:
+                seen_finite.add(name)
                 result[name] = max(result[name], float(np.abs(finite).max()))
+    for name in seen_nonfinite - seen_finite:
+        result[name] = math.inf
     return result

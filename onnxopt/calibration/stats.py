@@ -27,7 +27,8 @@ class TensorStats:
 
     ``histogram`` counts the finite values of x in ``2 * bins`` equal bins over ``edges`` =
     ``linspace(-absmax, absmax, 2 * bins + 1)`` (``linspace(-1, 1, ...)`` for an all-zero tensor);
-    ``count`` is the number of finite values, ``nonfinite`` the NaN/inf values left out.
+    ``count`` is the number of finite values, ``nonfinite`` the NaN/inf values left out (a tensor with no
+    finite value has a zero range and ``count`` 0: users check ``nonfinite``).
     ``mean_axis1`` / ``mean_last`` are per-channel means along axis 1 and the last axis
     (None when that dim changes between batches or the tensor has rank < 2).
     """
@@ -120,8 +121,10 @@ class _Accumulator:
         self.hist += counts
 
     def result(self) -> TensorStats:
-        if not self.count:
-            raise CalibrationError(f"tensor '{self.name}' had no finite values on the calibration data")
+        if not self.count:  # empty in every batch, or only inf/NaN (a mask): a zero range, nonfinite says which
+            edges = self.edges if self.edges is not None else np.linspace(-1.0, 1.0, 3)
+            hist = self.hist if self.hist is not None else np.zeros(len(edges) - 1, np.int64)
+            return TensorStats(self.name, 0.0, 0.0, 0.0, hist, edges, 0, self.nonfinite)
         ok = self.channel_ok and self.axis1 is not None and self.last is not None
         return TensorStats(
             self.name,

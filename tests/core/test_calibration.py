@@ -385,6 +385,16 @@ def test_collect_stats_nonfinite_values_left_out():
     assert stats.histogram.sum() == finite.size
 
 
+def test_collect_stats_tensor_with_only_nonfinite_values_has_a_zero_range():
+    """A mask that is inf everywhere is not an error: count 0, every value counted in nonfinite (callers keep it float)."""
+    model = linear_model()
+    x = np.full_like(samples(4), np.inf)
+    stats = collect_stats(model, ["x"], CalibrationData.from_arrays({"x": x}, model=model))["x"]
+    assert (stats.count, stats.nonfinite, stats.min, stats.max, stats.absmax) == (0, x.size, 0.0, 0.0, 0.0)
+    assert stats.histogram.sum() == 0
+    assert compute_range(stats, "percentile", symmetric=False) == (0.0, 0.0)
+
+
 def test_collect_stats_external_data(tmp_path, monkeypatch):
     """A model saved with external data, given by path; and the >2 GB session path (saved to a temporary folder)."""
     w = np.random.default_rng(0).standard_normal((4, 512)).astype(np.float32)

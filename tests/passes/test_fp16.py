@@ -404,6 +404,28 @@ def test_calibrated_large_tensors_keep_their_producer_fp32():
     assert_equivalent(model, out, feeds, precision="fp16")
 
 
+
+def test_a_tensor_with_only_inf_on_calibration_data_keeps_its_producer_fp32():
+    """Div(x, 0) is inf everywhere: the calibration run does not fail; the Div stays fp32 (its absmax counts as inf)."""
+    nodes = [
+        helper.make_node("Div", ["x", "zero"], ["d"]),
+        helper.make_node("Min", ["d", "cap"], ["c"]),
+        helper.make_node("Tanh", ["c"], ["y"]),
+    ]
+    inits = [init("zero", np.float32(0.0)), init("cap", np.float32(2.0))]
+    model = make_model(nodes, [tensor_input("x", [3, 4])], [tensor_input("y", [3, 4])], inits)
+    feeds = {"x": (np.abs(rand(3, 4)) + 1).astype(np.float32)}
+    calibration = CalibrationData.from_arrays(feeds, model=model)
+    assert calibrated_absmax(model, ["d", "c"], calibration) == {"d": np.inf, "c": 2.0}
+    assert calibrated_absmax(model, ["d", "c"], Batches([feeds])) == {"d": np.inf, "c": 2.0}
+    copy = ModelProto()
+    copy.CopyFrom(model)
+    out = PassManager.from_spec("fp16", calibration=calibration, isolate=False).run(copy).model
+    check_valid(out)
+    assert types_of(out)["d"] == F32
+    assert_equivalent(model, out, feeds, precision="fp16")
+
+
 # ----------------------------------------------------------------------------- subgraphs, custom ops, Casts, value_info
 
 
