@@ -374,6 +374,20 @@ def test_collect_stats_errors():
         collect_stats(model, ["out"], wrong)
 
 
+def test_collect_stats_failure_on_random_data_with_guessed_dims_says_how_to_choose_them():
+    """A Conv of kernel 3 over a time axis the random data set to 1: onnxruntime fails, the error names --input-shape."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"])]
+    model = make_model(
+        nodes, [tensor_input("x", [1, 2, "t"])], [tensor_input("y", [1, 2, "u"])], [init("w", np.ones((2, 2, 3), np.float32))]
+    )
+    with pytest.raises(CalibrationError, match="onnxruntime failed on a calibration batch") as exc:
+        collect_stats(model, ["y"], CalibrationData.random(model, samples=2))
+    assert "set 1 free dim(s) to 1: choose them with --input-shape" in str(exc.value)
+    one_line(exc)
+    stats = collect_stats(model, ["y"], CalibrationData.random(model, samples=2, input_shapes={"x": (1, 2, 8)}))
+    assert stats["y"].count == 2 * 2 * 6
+
+
 def test_collect_stats_nonfinite_values_left_out():
     model = linear_model()
     x = samples(4)
