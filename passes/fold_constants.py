@@ -71,8 +71,9 @@ class FoldConstants(Pass):
     Never folded: custom/ML domains, nodes with subgraphs, random ops, Dropout, Q/DQ and
     integer quantized ops, Constant (lift_constants' job), sequence/optional ops, nodes
     without outputs, string outputs. Sizes are estimated before computing: a node folds only
-    if its outputs total at most max(``max_small_bytes``, bytes of its distinct inputs) and
-    none exceeds ``max_bytes``; an output of unknown size folds only when its op cannot grow.
+    if its outputs total at most max(``max_small_bytes``, bytes of its distinct inputs that
+    nothing else reads) and none exceeds ``max_bytes`` (so a tied weight, read by a Gather and
+    by a Transpose, is not stored twice); an output of unknown size folds only when its op cannot grow.
     After ``time_budget`` seconds the remaining nodes are left as they are (with a note).
 
     Evaluation: one onnxruntime session per graph and round; where it fails, halves of the
@@ -252,10 +253,16 @@ class _GraphFolder:
                 return _DEFER if pending and bounded else _REJECT
             outputs[name] = ConstInfo(shape, count, elem, planned=True)
         distinct = {name: k for name, k in zip(inputs, known)}
-        allowance = max(self.options.max_small_bytes, sum(k.nbytes for k in distinct.values()))
+        freed = [k for name, k in distinct.items() if self._read_only_by(name, node)]  # an input still read elsewhere stays
+        allowance = max(self.options.max_small_bytes, sum(k.nbytes for k in freed))
         if total > allowance:
             return _DEFER if pending and bounded else _REJECT
         return outputs, allowance
+
+    def _read_only_by(self, name: str, node: NodeProto) -> bool:
+        """Whether folding ``node`` leaves ``name`` unread (so its bytes go): no other reader, not a graph output."""
+        readers = self.view.consumers.get(name, [])
+        return name not in self.view.graph_outputs and all(r is node for r in readers)
 
     def _infer(self, node: NodeProto, inputs: list[str], known: list[ConstInfo]) -> dict[str, tuple[int, ...]]:
         """Output shapes of a node whose inputs are all known, by onnx inference on the node alone."""

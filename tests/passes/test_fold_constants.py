@@ -282,6 +282,25 @@ def test_concat_of_distinct_constants_folds():
     assert_equivalent(model, result.model)
 
 
+def test_tied_weight_read_elsewhere_is_not_stored_twice():
+    """A language-model head reads the embedding table through Transpose while a Gather reads it as is: folding the
+    Transpose would store a second 8 KiB copy, so it stays; the same Transpose folds when it is the table's only reader."""
+    table = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["emb"]),
+        helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["emb", "table_t"], ["y"]),
+    ]
+    ids = tensor_input("ids", [5], TensorProto.INT64)
+    model = make_model(nodes, [ids], [tensor_input("y", [5, 64])], [init("table", table)])
+    result = run_pass(model, "fold_constants")
+    assert op_types(result.model) == ["Gather", "Transpose", "MatMul"]
+    assert result.model.ByteSize() <= model.ByteSize()
+    assert_equivalent(model, result.model, {"ids": np.array([0, 3, 63, 7, 7], np.int64)})
+    alone = make_model(nodes[1:], [tensor_input("emb", [5, 32])], [tensor_input("y", [5, 64])], [init("table", table)])
+    assert op_types(run_pass(alone, "fold_constants").model) == ["MatMul"]
+
+
 def test_max_bytes_limits_each_output():
     nodes = [helper.make_node("Neg", ["w"], ["n"]), helper.make_node("Add", ["x", "n"], ["y"])]
     model = make_model(nodes, [tensor_input("x", [2048])], [tensor_input("y", [2048])], [init("w", np.ones([2048], np.float32))])
