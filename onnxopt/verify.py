@@ -74,6 +74,17 @@ def model_inputs(model: ModelProto) -> list:
     return [v for v in model.graph.input if v.name not in inits]
 
 
+GUESSED_DIM = "set to 1 (use --input-shape to choose)"  # the note on each free dim that generate_inputs guessed
+
+
+def guessed_dims_hint(notes: list[str]) -> str:
+    """For an error on generated inputs: how many free dims were guessed as 1 and how to choose them ('' if none)."""
+    guessed = sum(note.endswith(GUESSED_DIM) for note in notes)
+    if not guessed:
+        return ""
+    return f" (the generated inputs set {guessed} free dim(s) to 1: choose them with --input-shape NAME:DxD...)"
+
+
 def _resolve_shape(value, overrides: InputShapes, notes: list[str]) -> tuple[int, ...]:
     tensor_type = value.type.tensor_type
     if not tensor_type.HasField("shape"):
@@ -95,7 +106,7 @@ def _resolve_shape(value, overrides: InputShapes, notes: list[str]) -> tuple[int
             shape.append(dim.dim_value)
         else:
             shape.append(1)
-            notes.append(f"input '{value.name}' dim '{dim.dim_param or '?'}' set to 1 (use --input-shape to choose)")
+            notes.append(f"input '{value.name}' dim '{dim.dim_param or '?'}' {GUESSED_DIM}")
     return tuple(shape)
 
 
@@ -395,7 +406,9 @@ class Verifier:
         try:
             reference = run_model(model, feeds)
         except OnnxoptError as exc:
-            raise OnnxoptError(f"cannot verify: the original model does not run ({exc})") from exc
+            hint = guessed_dims_hint(notes)
+            where = " on the generated inputs" if hint else ""
+            raise OnnxoptError(f"cannot verify: the original model does not run{where} ({exc}){hint}") from exc
         return cls(feeds, reference, precision, notes)
 
     def check(self, model: ModelProto, precision: str | None = None) -> VerificationResult:

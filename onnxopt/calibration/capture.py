@@ -82,7 +82,7 @@ def stream_values(
         try:
             values = dict(zip(run_names, session.run(run_names, feeds))) if run_names else {}
         except Exception as exc:
-            raise CalibrationError(f"onnxruntime failed on a calibration batch: {one_line(exc, 200)}") from exc
+            raise data.failed_batch(exc) from exc
         values.update((n, np.asarray(feeds[n])) for n in wanted if n in inputs)
         yield values
         if data.progress is not None:

@@ -402,6 +402,13 @@ class CalibrationData:
         if random:
             self.notes.insert(0, RANDOM_WARNING)
 
+    def failed_batch(self, exc: BaseException) -> CalibrationError:
+        """The error for onnxruntime failing on one of these batches (for random data: which dims were guessed)."""
+        from onnxopt.verify import guessed_dims_hint
+
+        hint = guessed_dims_hint(self.notes) if self.random else ""
+        return CalibrationError(f"onnxruntime failed on a calibration batch: {one_line(exc, 200)}{hint}")
+
     # -- constructors --------------------------------------------------------------------------
 
     @classmethod

@@ -18,7 +18,6 @@ from onnx import ModelProto
 
 from onnxopt.calibration.capture import probe_session
 from onnxopt.calibration.data import FLOAT_TYPES, CalibrationData, CalibrationError
-from onnxopt.errors import one_line
 
 
 @dataclass
@@ -141,14 +140,6 @@ class _Accumulator:
         )
 
 
-def _guess_hint(data: CalibrationData) -> str:
-    """For random data whose free dims were guessed as 1: how to choose them (a sequence of 1 breaks many models)."""
-    guessed = [note for note in data.notes if "set to 1" in note]
-    if not data.random or not guessed:
-        return ""
-    return f" (the random inputs set {len(guessed)} free dim(s) to 1: choose them with --input-shape NAME:DxD...)"
-
-
 def collect_stats(
     model: ModelProto | str | os.PathLike[str],
     tensors: Sequence[str],
@@ -209,7 +200,7 @@ def collect_stats(
             try:
                 values = session.run(run_names, feeds)
             except Exception as exc:
-                raise CalibrationError(f"onnxruntime failed on a calibration batch: {one_line(exc, 200)}{_guess_hint(data)}") from exc
+                raise data.failed_batch(exc) from exc
             for name, value in zip(run_names, values):
                 if sweep == 0:
                     accs[name].update_range(value)

@@ -382,7 +382,7 @@ def test_collect_stats_failure_on_random_data_with_guessed_dims_says_how_to_choo
     )
     with pytest.raises(CalibrationError, match="onnxruntime failed on a calibration batch") as exc:
         collect_stats(model, ["y"], CalibrationData.random(model, samples=2))
-    assert "set 1 free dim(s) to 1: choose them with --input-shape" in str(exc.value)
+    assert "(the generated inputs set 1 free dim(s) to 1: choose them with --input-shape" in str(exc.value)
     one_line(exc)
     stats = collect_stats(model, ["y"], CalibrationData.random(model, samples=2, input_shapes={"x": (1, 2, 8)}))
     assert stats["y"].count == 2 * 2 * 6

@@ -35,6 +35,21 @@ def test_generated_inputs_use_overrides_and_note_guesses():
         generate_inputs(_model(), {"z": (1,)})
 
 
+def test_a_model_that_fails_on_guessed_dims_names_them_and_the_option():
+    """A Conv of kernel 3 over a free time axis the generated inputs set to 1: the error says so (not 'does not run')."""
+    weight = init("w", np.ones((2, 2, 3), np.float32))
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w"], ["y"])], [tensor_input("x", [1, 2, "t"])], [tensor_input("y", [1, 2, "u"])], [weight]
+    )
+    with pytest.raises(OnnxoptError) as exc:
+        Verifier.from_model(model)
+    message = str(exc.value)
+    assert message.startswith("cannot verify: the original model does not run on the generated inputs (")
+    assert message.endswith("(the generated inputs set 1 free dim(s) to 1: choose them with --input-shape NAME:DxD...)")
+    assert "\n" not in message
+    assert Verifier.from_model(model, input_shapes={"x": (1, 2, 8)}).reference["y"].shape == (1, 2, 6)
+
+
 def test_generation_is_seeded():
     a, _ = generate_inputs(_model(), {"x": (2, 10)})
     b, _ = generate_inputs(_model(), {"x": (2, 10)})
