@@ -47,7 +47,7 @@ from onnxopt.graph import GraphView, NameGenerator, drop_unread_initializers, it
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_patterns, option
 from onnxopt.passes.fusion_support import const_name
 from onnxopt.passes.qdq_gather import quantize_gathers
-from onnxopt.passes.qdq_placement import MAX_QUANTIZED_MAGNITUDE, Plan, Planner, float_map, slow_int8_convs
+from onnxopt.passes.qdq_placement import ANCHORS, MAX_QUANTIZED_MAGNITUDE, Plan, Planner, float_map, slow_int8_convs
 from onnxopt.passes.qdq_rounding import GptqLayer, GptqRounding, eligible, gptq_rounding
 from onnxopt.registry import register_pass
 
@@ -267,7 +267,10 @@ class QuantizeQDQ(Pass):
         planner = Planner(view, is_float, target=target, exclude=options.exclude, keep_outputs=options.keep_outputs, weight_only_nodes=slow)
         plan = planner.plan()
         if not plan.tensors and not plan.anchors and not plan.weight_only:
-            result.notes.append("qdq: no quantizable layer found")
+            tail = planner.float_tail()
+            kept = sum(n.op_type in ANCHORS and n.output[0] in tail for n in view.nodes)
+            why = f" ({kept} layer(s) feed graph outputs and stay float: keep_outputs=false quantizes them)" if kept else ""
+            result.notes.append(f"qdq: no quantizable layer found{why}")
             return result
         wanted = list(dict.fromkeys(plan.tensors + [i for c in plan.concats for i in c.input if i in plan.readers or i in plan.tensors]))
         if options.bias_correction:

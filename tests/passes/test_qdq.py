@@ -917,3 +917,20 @@ def test_fusing_the_float_hardswishes_drops_their_constants() -> None:
     assert not {"three", "zero", "six"} & {t.name for t in out.graph.initializer}
     assert all(t.name in read for t in out.graph.initializer)
     check_fidelity(model, out)
+
+
+def test_a_model_with_nothing_to_quantize_says_why() -> None:
+    """A lone Gemm writing the graph output stays float under keep_outputs (the note says how to quantize it); a model
+    without any layer says only that; the model is unchanged either way."""
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)]
+    model = make_model(nodes, [tensor_input("x", [2, 8])], [tensor_input("y", [2, 4])], [init("w", rand(4, 8)), init("b", rand(4))])
+    result = quantize(model, "trt")
+    assert "qdq: no quantizable layer found (1 layer(s) feed graph outputs and stay float: keep_outputs=false quantizes them)" in (
+        result.report.notes
+    )
+    assert result.model.SerializeToString() == model.SerializeToString()
+    quantized = quantize(model, "trt", "keep_outputs=false").model
+    assert sum(n.op_type == "QuantizeLinear" for n in quantized.graph.node) == 1
+    check_fidelity(model, quantized)
+    relu = make_model([helper.make_node("Relu", ["x"], ["y"])], [tensor_input("x", [2, 8])], [tensor_input("y", [2, 8])])
+    assert "qdq: no quantizable layer found" in quantize(relu, "trt").report.notes
