@@ -888,11 +888,17 @@ def hardswish_chain() -> ModelProto:
     return make_model(nodes, [tensor_input("x", [1, 3, 8, 8])], [tensor_input("y", [1, 4, 8, 8])], inits_, opset=13)
 
 
+def quantized_chain(exclude: str) -> tuple[ModelProto, onnxopt.OptimizeResult]:
+    """A ``hardswish_chain`` and its result after fuse_activations and qdq (ort-cpu, minmax, keep_outputs=false),
+    ``exclude`` kept float."""
+    model = hardswish_chain()
+    spec = f"fuse_activations,qdq:method=minmax,keep_outputs=false,exclude={exclude}"
+    return model, onnxopt.optimize(model, spec, target="ort-cpu", calibration=calib(model), isolate=False)
+
+
 def test_ort_cpu_fuses_the_hardswish_of_float_layers_only() -> None:
     """fuse_activations leaves Clip forms to qdq on ort-cpu; qdq fuses those left float, keeps the dequantized ones."""
-    model = hardswish_chain()
-    spec = "fuse_activations,qdq:method=minmax,keep_outputs=false,exclude=conv1"
-    result = onnxopt.optimize(model, spec, target="ort-cpu", calibration=calib(model), isolate=False)
+    model, result = quantized_chain("conv1")
     out = result.model
     assert result.report.passes[-1].counts["float_activations_fused"] == 1
     assert any("fused 1 Clip-form hard-swish" in n for n in result.report.notes)
@@ -908,9 +914,7 @@ def test_ort_cpu_fuses_the_hardswish_of_float_layers_only() -> None:
 
 def test_fusing_the_float_hardswishes_drops_their_constants() -> None:
     """Both hard-swishes stay float and are fused; their Add/Clip/Div constants, read by nothing now, go too."""
-    model = hardswish_chain()
-    spec = "fuse_activations,qdq:method=minmax,keep_outputs=false,exclude=conv1|conv2"
-    result = onnxopt.optimize(model, spec, target="ort-cpu", calibration=calib(model), isolate=False)
+    model, result = quantized_chain("conv1|conv2")
     out = result.model
     assert result.report.passes[-1].counts["float_activations_fused"] == 2
     read = {name for node in out.graph.node for name in node.input}
