@@ -33,6 +33,7 @@ from onnxopt.passes.folding_support import (
     tensor_elem,
     type_dims,
 )
+from onnxopt.passes.fusion_support import sole_reader_is
 from onnxopt.registry import register_pass
 from onnxopt.shapes import elem_type, static_shape
 
@@ -253,16 +254,11 @@ class _GraphFolder:
                 return _DEFER if pending and bounded else _REJECT
             outputs[name] = ConstInfo(shape, count, elem, planned=True)
         distinct = {name: k for name, k in zip(inputs, known)}
-        freed = [k for name, k in distinct.items() if self._read_only_by(name, node)]  # an input still read elsewhere stays
+        freed = [k for name, k in distinct.items() if sole_reader_is(self.view, name, node)]  # one read elsewhere stays
         allowance = max(self.options.max_small_bytes, sum(k.nbytes for k in freed))
         if total > allowance:
             return _DEFER if pending and bounded else _REJECT
         return outputs, allowance
-
-    def _read_only_by(self, name: str, node: NodeProto) -> bool:
-        """Whether folding ``node`` leaves ``name`` unread (so its bytes go): no other reader, not a graph output."""
-        readers = self.view.consumers.get(name, [])
-        return name not in self.view.graph_outputs and all(r is node for r in readers)
 
     def _infer(self, node: NodeProto, inputs: list[str], known: list[ConstInfo]) -> dict[str, tuple[int, ...]]:
         """Output shapes of a node whose inputs are all known, by onnx inference on the node alone."""

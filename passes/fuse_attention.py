@@ -41,6 +41,7 @@ from onnxopt.passes.fusion_support import (
     producer,
     replace_nodes,
     select,
+    sole_reader_is,
     unique,
 )
 from onnxopt.passes.noop_rules import NoMatch, dims_of, get_attr, require
@@ -496,12 +497,6 @@ def scores_chain(view: GraphView, ctx: PassContext, name: str) -> tuple[list[Nod
         current, factor = scaled_operand(node, view, ctx)
         scale *= factor
         nodes.append(node)
-
-
-def sole_reader_is(view: GraphView, name: str, node: NodeProto) -> bool:
-    """Whether ``node`` is the only reader of ``name``."""
-    readers = unique(view.consumers.get(name, []))
-    return len(readers) == 1 and readers[0] is node and name not in view.graph_outputs
 
 
 def single_reader(view: GraphView, name: str, op_type: str) -> NodeProto:

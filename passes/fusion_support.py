@@ -141,6 +141,12 @@ def sole_reader(view: GraphView, name: str, op_type: str | tuple[str, ...]) -> N
     return node
 
 
+def sole_reader_is(view: GraphView, name: str, node: NodeProto) -> bool:
+    """Whether ``node`` is the only reader of ``name`` (which is no graph output)."""
+    readers = unique(view.consumers.get(name, []))
+    return len(readers) == 1 and readers[0] is node and name not in view.graph_outputs
+
+
 def unique(nodes: list[NodeProto]) -> list[NodeProto]:
     """``nodes`` without repeats (a node reading a value twice is listed twice by GraphView)."""
     seen: dict[int, NodeProto] = {}

@@ -365,24 +365,25 @@ class Planner:
             members: dict[str, set[str]] = {}
             for name in quantized:
                 members.setdefault(plan.group_of(name), set()).add(name)
+            linked = {root for root, _ in plan.folded.values()} | {root for root, _ in plan.scaled.values()}
+            special = plan.folded.keys() | plan.scaled.keys() | linked | plan.float_path | set(view.graph_outputs)
             for node in concats:
-                self._share_concat_scale(plan, node, members)
+                self._share_concat_scale(plan, node, members, special)
 
-    def _share_concat_scale(self, plan: Plan, node: NodeProto, members: dict[str, set[str]]) -> None:
+    def _share_concat_scale(self, plan: Plan, node: NodeProto, members: dict[str, set[str]], special: set[str]) -> None:
         """ort-cpu: a Concat's inputs take its output's scale where nothing else reads them at their own.
 
         onnxruntime's QLinearConcat copies inputs whose scale and zero point equal the output's, and requantizes the
         others (about twice the time on PP-OCR det's FPN Concat). The output's range stays what calibration found
         (the inputs borrow it), so the Concat's values are the same; each input is rounded once instead of twice.
         An input joins with the tensors it shares a scale with (through Resize, Reshape, ...) only if each of them is
-        read by nothing outside that chain and the Concat, and none carries a folded Mul's factor. ``members`` maps
-        each scale group's representative to its quantized tensors (kept up to date here).
+        read by nothing outside that chain and the Concat, and none is ``special`` (a graph output, on a float path,
+        or carrying or lending a folded Mul's factor). ``members`` maps each scale group's representative to its
+        quantized tensors (kept up to date here).
         """
         out = node.output[0]
         if out in plan.scaled or out in plan.folded or self._absorbed_input(out):
             return
-        linked = {root for root, _ in plan.folded.values()} | {root for root, _ in plan.scaled.values()}
-        special = plan.folded.keys() | plan.scaled.keys() | linked | plan.float_path | set(self.view.graph_outputs)
         for name in dict.fromkeys(node.input):
             root, target = plan.group_of(name), plan.group_of(out)
             if name not in members.get(root, ()) or root == target:
