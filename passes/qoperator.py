@@ -9,7 +9,7 @@ the model. This pass writes those kernels into the file instead (the rules are i
   ``QLinearMatMul``, standard ops;
 * with ``contrib`` (default), com.microsoft ``QLinearAdd``, ``QLinearMul``,
   ``QLinearGlobalAveragePool``, ``QLinearAveragePool``, ``QLinearSigmoid``, ``QLinearLeakyRelu`` and
-  ``QLinearConcat``;
+  ``QLinearConcat``, and a 2-D integer MaxPool as ``NhwcMaxPool`` between two Transposes;
 * MaxPool / Reshape / Transpose / Flatten / Squeeze / Unsqueeze between a DQ and a Q of the same
   scale and zero point run on the integers directly (exact).
 
@@ -46,6 +46,7 @@ TARGET = "ort-cpu"
 FLOAT_BY_CHOICE = "float by choice"  # the misses key of layers qdq keeps float with int8 weights (not a failed match)
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 ZERO_TYPES = {TensorProto.UINT8: "uint8", TensorProto.INT8: "int8"}
+NCHW_TO_NHWC, NHWC_TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
 
 
 @dataclass
@@ -54,7 +55,8 @@ class QOperatorOptions(PassOptions):
 
     contrib: bool = option(
         True,
-        "also emit com.microsoft QLinearAdd/Mul/GlobalAveragePool/AveragePool/Sigmoid/LeakyRelu/Concat (false: standard ops only)",
+        "also emit com.microsoft QLinearAdd/Mul/GlobalAveragePool/AveragePool/Sigmoid/LeakyRelu/Concat and NhwcMaxPool "
+        "(false: standard ops only)",
     )
     exclude: tuple[str, ...] = option(
         (), "float ops left in Q/DQ form: node names, op types or regexes matching a whole node name, '|'-separated"
@@ -170,8 +172,11 @@ def _apply(graph: GraphProto, view: GraphView, matches: list[QMatch], ctx: PassC
     read_by_groups: set[str] = set()
     for found in matches:
         inputs = [_input(graph, item, zeros, ctx) for item in found.inputs]
+        output, layout = found.output, []
+        if found.channels_last:
+            inputs[0], output, layout = _channels_last(inputs[0], found.output, ctx)
         node = helper.make_node(
-            found.op_type, inputs, [found.output], name=found.anchor.name or ctx.names.fresh(f"{found.output}_{found.op_type}")
+            found.op_type, inputs, [output], name=found.anchor.name or ctx.names.fresh(f"{found.output}_{found.op_type}")
         )
         if found.domain:
             node.domain = found.domain
@@ -182,7 +187,7 @@ def _apply(graph: GraphProto, view: GraphView, matches: list[QMatch], ctx: PassC
             replaced[id(old)] = []
             read_by_groups.update(old.input)
             stale.update(o for o in old.output if o and o != found.output)
-        replaced[id(found.nodes[-1])] = [node]
+        replaced[id(found.nodes[-1])] = [layout[0], node, layout[1]] if layout else [node]
         result.count(f"{found.anchor.op_type}_to_{found.op_type}")
     replace_nodes(graph, view.nodes, replaced)
     removed = _sweep_unread(graph)
@@ -195,6 +200,14 @@ def _apply(graph: GraphProto, view: GraphView, matches: list[QMatch], ctx: PassC
         result.count("initializers_removed", dropped)
     kinds = Counter(f"{m.anchor.op_type} -> {m.op_type}" for m in matches)
     result.notes.append(f"{PASS_NAME}: " + ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items())))
+
+
+def _channels_last(x: str, y: str, ctx: PassContext) -> tuple[str, str, list[NodeProto]]:
+    """Names and Transposes around an NHWC node that stands for an NCHW op reading ``x`` and writing ``y``."""
+    nhwc_x, nhwc_y = ctx.names.fresh(f"{x}_nhwc"), ctx.names.fresh(f"{y}_nhwc")
+    to_nhwc = helper.make_node("Transpose", [x], [nhwc_x], name=ctx.names.fresh(f"{x}_to_nhwc"), perm=NCHW_TO_NHWC)
+    to_nchw = helper.make_node("Transpose", [nhwc_y], [y], name=ctx.names.fresh(f"{y}_to_nchw"), perm=NHWC_TO_NCHW)
+    return nhwc_x, nhwc_y, [to_nhwc, to_nchw]
 
 
 def _input(graph: GraphProto, item: str | tuple[str, int], zeros: dict[int, str], ctx: PassContext) -> str:
@@ -263,5 +276,20 @@ def _qlinear_standin(node: NodeProto, static: StaticType) -> tuple[list[NodeProt
     return nodes, []
 
 
+def _nhwc_max_pool_standin(node: NodeProto, static: StaticType) -> tuple[list[NodeProto], list] | None:
+    """com.microsoft NhwcMaxPool as Transpose -> MaxPool -> Transpose."""
+    if len(node.input) != 1 or len(node.output) != 1:
+        return None
+    x, y = node.input[0], node.output[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    nodes = [
+        helper.make_node("Transpose", [x], [f"{y}__standin_x"], perm=NHWC_TO_NCHW),
+        helper.make_node("MaxPool", [f"{y}__standin_x"], [f"{y}__standin_y"], **attrs),
+        helper.make_node("Transpose", [f"{y}__standin_y"], [y], perm=NCHW_TO_NHWC),
+    ]
+    return nodes, []
+
+
 for _op in (*CONTRIB_FLOAT_OPS, "QLinearConcat"):
     register_standin(MS_DOMAIN, _op, _qlinear_standin)
+register_standin(MS_DOMAIN, "NhwcMaxPool", _nhwc_max_pool_standin)

@@ -117,7 +117,7 @@ def test_every_group_becomes_its_qlinear_kernel_with_the_qdq_outputs() -> None:
     ):
         assert counts[f"com.microsoft.{op}"] == 1, op
     assert counts["QLinearMatMul"] == 1  # the head feeds the graph output and keeps float activations
-    assert counts["MaxPool"] == 1 and counts["Reshape"] == 1 and not counts["Relu"]  # the Relus are absorbed by the Q zero point
+    assert counts["com.microsoft.NhwcMaxPool"] == 1 and counts["Reshape"] == 1 and not counts["Relu"]  # Relus: in the Q zero point
     # no DequantizeLinear reads a weight or a bias any more (the head computes in float from Cast(int8) x scale), and the
     # bias scales went with them: QLinearConv derives input scale x weight scale itself
     constants = initializer_names(out)
@@ -133,7 +133,7 @@ def test_contrib_false_writes_standard_ops_only() -> None:
     qdq = quantized(se_block())
     out = qoperator(qdq, "contrib=false").model
     assert not any(n.domain for n in out.graph.node)
-    assert ops(out)["QLinearConv"] == 4 and ops(out)["QLinearMatMul"] == 1
+    assert ops(out)["QLinearConv"] == 4 and ops(out)["QLinearMatMul"] == 1 and ops(out)["MaxPool"] == 1
     assert all(imp.domain != "com.microsoft" for imp in out.opset_import)
     assert_same_outputs(qdq, out)
 
@@ -334,3 +334,131 @@ def test_layers_qdq_keeps_float_with_int8_weights_are_noted_as_a_choice() -> Non
     assert any("1 layer(s) that qdq left to compute in float with int8 weights" in n for n in notes), notes
     assert not any("wd_dq" in n for n in notes), notes  # the weight-only layer is not reported as a failed match
     assert_same_outputs(q, result.model)
+
+
+# ----------------------------------------------------------------------------- integer MaxPool in NHWC
+
+
+def pool_head(pool_rank: int = 2, **pool: object) -> ModelProto:
+    """Conv -> c * (c + 3) -> MaxPool -> GlobalAveragePool -> Reshape -> MatMul: after the QLinearAdd and QLinearMul,
+    onnxruntime's layout pass carries no Transpose to the pool and keeps an integer MaxPool in NCHW, as after PP-OCR
+    cls's last hard-swish."""
+    spatial = [6, 8] if pool_rank == 2 else [12]
+    kernel = [2] * pool_rank
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv", pads=[1] * (2 * pool_rank)),
+        helper.make_node("Add", ["c", "three"], ["a"], name="add"),
+        helper.make_node("Mul", ["c", "a"], ["m"], name="mul"),
+        helper.make_node("MaxPool", ["m"], ["p"], name="pool", **(pool or {"kernel_shape": kernel, "strides": kernel, "storage_order": 0})),
+        helper.make_node("GlobalAveragePool", ["p"], ["g"], name="gap"),
+        helper.make_node("Reshape", ["g", "shape"], ["flat"], name="flatten"),
+        helper.make_node("MatMul", ["flat", "wo"], ["y"], name="head"),
+    ]
+    inits = [
+        init("w1", rand(16, 4, *[3] * pool_rank, scale=0.3)),
+        init("b1", rand(16, scale=0.1)),
+        init("three", np.float32(3.0)),
+        init("shape", np.array([1, 16], np.int64)),
+        init("wo", rand(16, 3, scale=0.3)),
+    ]
+    return make_model(nodes, [tensor_input("x", [1, 4, *spatial])], [tensor_input("y", [1, 3])], inits, opset=17)
+
+
+def as_nchw_max_pool(model: ModelProto) -> ModelProto:
+    """``model`` with each Transpose -> NhwcMaxPool -> Transpose written back as one MaxPool (the form before this rewrite)."""
+    out = ModelProto.FromString(model.SerializeToString())
+    by_output = {o: n for n in out.graph.node for o in n.output}
+    dropped: set[str] = set()
+    for node in out.graph.node:
+        if node.op_type == "NhwcMaxPool":
+            before = by_output[node.input[0]]
+            after = next(n for n in out.graph.node if node.output[0] in n.input)
+            node.op_type, node.domain = "MaxPool", ""
+            node.input[0], node.output[0] = before.input[0], after.output[0]
+            dropped |= {before.name, after.name}
+    kept = [n for n in out.graph.node if n.name not in dropped]
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
+    return out
+
+
+def quantized_pool_head(pool_rank: int = 2, **pool: object) -> ModelProto:
+    model = pool_head(pool_rank, **pool)
+    x = np.random.default_rng(1).standard_normal((8, *[d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim][1:]))
+    data = CalibrationData.from_arrays({"x": x.astype(np.float32)}, model=model)
+    return onnxopt.optimize(model, "qdq:method=minmax,slow_convs=true", target="ort-cpu", calibration=data, isolate=False).model
+
+
+def session_ops(model: ModelProto, tmp_path) -> Counter:
+    """Op types of the graph onnxruntime's CPU session runs (its optimized model)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "session.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ops(onnx.load(str(tmp_path / "session.onnx")))
+
+
+def test_integer_max_pool_is_written_nhwc_so_onnxruntime_runs_its_fast_kernel(tmp_path) -> None:
+    """onnxruntime leaves this pool's integer MaxPool in NCHW (about 25x slower than its NhwcMaxPool) when given it as
+    MaxPool; written as Transpose -> NhwcMaxPool -> Transpose it runs the NHWC kernel, with the same outputs."""
+    qdq = quantized_pool_head()
+    out = qoperator(qdq).model
+    onnx.checker.check_model(out)
+    plain = as_nchw_max_pool(out)
+    assert session_ops(plain, tmp_path)["MaxPool"] == 1  # the case this rewrite is for: onnxruntime keeps NCHW here
+    nodes = {n.op_type: n for n in out.graph.node}
+    pool = nodes["NhwcMaxPool"]
+    assert pool.name == "pool" and pool.domain == "com.microsoft"
+    assert {a.name for a in pool.attribute} == {"kernel_shape", "strides"}  # storage_order (indices only) is dropped
+    before, after = (
+        next(n for n in out.graph.node if n.output[0] == pool.input[0]),
+        next(n for n in out.graph.node if pool.output[0] in n.input),
+    )
+    assert (before.op_type, list(before.attribute[0].ints)) == ("Transpose", [0, 2, 3, 1])
+    assert (after.op_type, list(after.attribute[0].ints)) == ("Transpose", [0, 3, 1, 2])
+    assert session_ops(out, tmp_path)["MaxPool"] == 0 and session_ops(out, tmp_path)["com.microsoft.NhwcMaxPool"] == 1
+    feeds, _ = generate_inputs(qdq, seed=3)
+    for key, value in run_model(plain, feeds).items():  # an integer max: exact
+        np.testing.assert_array_equal(run_model(out, feeds)[key], value)
+    assert_same_outputs(qdq, out)
+
+
+def test_shapes_are_inferred_through_nhwc_max_pool() -> None:
+    from onnxopt.shapes import infer_types
+
+    out = qoperator(quantized_pool_head()).model
+    pool = next(n for n in out.graph.node if n.op_type == "NhwcMaxPool")
+    types = infer_types(out)
+    assert [d.dim_value for d in types[pool.output[0]].tensor_type.shape.dim] == [1, 3, 4, 16]
+    assert types[pool.output[0]].tensor_type.elem_type == TensorProto.UINT8
+
+
+def test_one_dimensional_integer_max_pool_stays_max_pool() -> None:
+    qdq = quantized_pool_head(pool_rank=1)
+    out = qoperator(qdq).model
+    assert ops(out)["MaxPool"] == 1 and not ops(out)["com.microsoft.NhwcMaxPool"]
+    assert_same_outputs(qdq, out)
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [
+        {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]},
+        {"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1},
+        {"kernel_shape": [2, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"},
+        {"kernel_shape": [2, 2], "strides": [2, 2], "auto_pad": "SAME_LOWER"},
+        {"kernel_shape": [2, 2], "dilations": [2, 2]},
+        {"kernel_shape": [3, 2], "pads": [1, 0, 0, 1]},
+    ],
+)
+def test_nhwc_max_pool_keeps_every_pooling_attribute_exactly(pool) -> None:
+    qdq = quantized_pool_head(**pool)
+    out = qoperator(qdq).model
+    assert ops(out)["com.microsoft.NhwcMaxPool"] == 1
+    feeds, _ = generate_inputs(qdq, seed=5)
+    plain = run_model(as_nchw_max_pool(out), feeds)
+    for key, value in run_model(out, feeds).items():
+        np.testing.assert_array_equal(value, plain[key])
+    assert_same_outputs(qdq, out)
