@@ -404,7 +404,6 @@ def test_calibrated_large_tensors_keep_their_producer_fp32():
     assert_equivalent(model, out, feeds, precision="fp16")
 
 
-
 def test_a_tensor_with_only_inf_on_calibration_data_keeps_its_producer_fp32():
     """Div(x, 0) is inf everywhere: the calibration run does not fail; the Div stays fp32 (its absmax counts as inf)."""
     nodes = [
