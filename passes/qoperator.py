@@ -28,10 +28,18 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, helper
+from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from onnxopt.errors import OnnxoptError
-from onnxopt.graph import GraphScope, GraphView, drop_unread_initializers, is_standard, outer_references, subgraphs
+from onnxopt.graph import (
+    GraphScope,
+    GraphView,
+    drop_unread_initializers,
+    is_standard,
+    outer_references,
+    rename_inputs,
+    subgraphs,
+)
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, check_patterns, matches_pattern, option
 from onnxopt.passes.contrib_ops import MS_DOMAIN
 from onnxopt.passes.cse import DedupeInitializers
@@ -111,9 +119,11 @@ class QOperatorForm(Pass):
         if matches:
             _apply(scope.graph, view, matches, ctx, result)
             ctx.invalidate()
-            shared = DedupeInitializers().run_graph(scope, ctx)  # equal scales and zero points: one copy each
-            if shared.modified:
-                result.count("initializers_shared", shared.counts.get("initializers_merged", 0))
+            named = _share_zero_points(scope.graph, ctx)
+            shared = DedupeInitializers().run_graph(scope, ctx)  # the other equal constants (scales): one copy each
+            merged = named + shared.counts.get("initializers_merged", 0)
+            if merged:
+                result.count("initializers_shared", merged)
         if misses and (matches or scope.parent is None):
             shown = "; ".join(f"{reason} ({count})" for reason, count in misses.most_common(3))
             result.notes.append(f"{PASS_NAME}: {sum(misses.values())} group(s) stay in Q/DQ form: {shown}")
@@ -200,6 +210,41 @@ def _apply(graph: GraphProto, view: GraphView, matches: list[QMatch], ctx: PassC
         result.count("initializers_removed", dropped)
     kinds = Counter(f"{m.anchor.op_type} -> {m.op_type}" for m in matches)
     result.notes.append(f"{PASS_NAME}: " + ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items())))
+
+
+def _share_zero_points(graph: GraphProto, ctx: PassContext) -> int:
+    """Store equal scalar zero points that ``qdq`` wrote for different values once, named after their value.
+
+    Most activations share a few zero points; named after the first reader (``relu_0_zero_point`` read by
+    a hundred nodes) the name would mislead, so the copy is ``zp_uint8_128``. Graph inputs and outputs are
+    never merged. Returns how many initializers went.
+    """
+    interface = {v.name for v in graph.input} | {v.name for v in graph.output}
+    groups: dict[tuple[int, int], list[TensorProto]] = {}
+    for tensor in graph.initializer:
+        if (
+            tensor.name.endswith("_zero_point")
+            and tensor.name not in interface
+            and tensor.data_type in ZERO_TYPES
+            and not tensor.dims
+            and tensor.data_location != TensorProto.EXTERNAL
+        ):
+            groups.setdefault((tensor.data_type, int(numpy_helper.to_array(tensor))), []).append(tensor)
+    mapping: dict[str, str] = {}
+    for (dtype, value), members in groups.items():
+        if len(members) > 1:
+            name = ctx.names.fresh(f"zp_{ZERO_TYPES[dtype]}_{value}".replace("-", "minus"))
+            mapping.update((t.name, name) for t in members)
+            members[0].name = name
+    if not mapping:
+        return 0
+    rename_inputs(graph, mapping)
+    drop_value_info(graph, set(mapping))
+    merged = {t.name for members in groups.values() if len(members) > 1 for t in members[1:]}
+    kept = [t for t in graph.initializer if t.name not in merged]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return len(merged)
 
 
 def _channels_last(x: str, y: str, ctx: PassContext) -> tuple[str, str, list[NodeProto]]:

@@ -147,6 +147,20 @@ def test_exclude_keeps_the_named_group_in_qdq_form_with_a_note() -> None:
     assert_same_outputs(qdq, out)
 
 
+def test_zero_points_shared_by_several_values_are_stored_once_under_their_value() -> None:
+    """The Relu outputs share zero point 0: one initializer named after the value, not after its first reader."""
+    qdq = quantized(se_block())
+    out = qoperator(qdq).model
+    scalars = [t for t in out.graph.initializer if not t.dims and t.data_type == TensorProto.UINT8]
+    values = [int(numpy_helper.to_array(t)) for t in scalars]
+    assert len(values) == len(set(values))  # no two uint8 zero points hold the same value
+    shared = {t.name: int(numpy_helper.to_array(t)) for t in scalars if t.name.startswith("zp_uint8_")}
+    assert shared and all(name == f"zp_uint8_{value}" for name, value in shared.items())
+    before = Counter(int(numpy_helper.to_array(t)) for t in qdq.graph.initializer if t.name.endswith("_zero_point") and not t.dims)
+    assert all(before[value] > 1 for value in shared.values())  # each stands for several zero points of the Q/DQ model
+    assert_same_outputs(qdq, out)
+
+
 def test_optimizing_twice_gives_identical_bytes() -> None:
     qdq = quantized(se_block())
     assert qoperator(qdq).model.SerializeToString() == qoperator(qdq).model.SerializeToString()
