@@ -476,3 +476,36 @@ def test_nhwc_max_pool_keeps_every_pooling_attribute_exactly(pool) -> None:
     for key, value in run_model(out, feeds).items():
         np.testing.assert_array_equal(value, plain[key])
     assert_same_outputs(qdq, out)
+
+
+# ----------------------------------------------------------------------------- real models
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ppocr_det", "ppocr_rec", "ppocr_cls", "magika"])
+def test_real_models_give_the_qdq_outputs(name: str) -> None:
+    """Each real model's QOperator form gives its Q/DQ form's outputs exactly in onnxruntime with its graph
+    optimizations on (which build the same kernels from the Q/DQ groups; without them the Q/DQ model runs in float)."""
+    import sys
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import quantize as bench  # benchmarks/quantize.py
+
+    model = onnx.load(str(bench._cached(name)))
+    bench._distinct_dim_names(model)
+    data = CalibrationData.from_arrays(bench.inputs(name, 8, seed=1), model=model)
+    qdq = onnxopt.optimize(model, "default,qdq", target="ort-cpu", calibration=data, isolate=False).model
+    out = qoperator(qdq).model
+    onnx.checker.check_model(out)
+    assert not any(n.op_type == "MaxPool" for n in out.graph.node)  # PP-OCR cls's integer pool is written NHWC
+    feeds = {k: v[:1] for k, v in bench.inputs(name, 1, seed=2).items()}
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    ref, got = (
+        ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds) for m in (qdq, out)
+    )
+    for a, b in zip(ref, got, strict=True):
+        np.testing.assert_array_equal(b, a, err_msg=name)
