@@ -213,11 +213,12 @@ def _apply(graph: GraphProto, view: GraphView, matches: list[QMatch], ctx: PassC
 
 
 def _share_zero_points(graph: GraphProto, ctx: PassContext) -> int:
-    """Store equal scalar zero points that ``qdq`` wrote for different values once, named after their value.
+    """Store equal scalar int8/uint8 initializers named ``*_zero_point`` (the names ``qdq`` writes) once, named after
+    their value.
 
     Most activations share a few zero points; named after the first reader (``relu_0_zero_point`` read by
-    a hundred nodes) the name would mislead, so the copy is ``zp_uint8_128``. Graph inputs and outputs are
-    never merged. Returns how many initializers went.
+    a hundred nodes) the name would mislead, so the copy is ``zp_uint8_128``. Graph inputs and outputs and
+    external tensors are never merged. Returns how many initializers went.
     """
     interface = {v.name for v in graph.input} | {v.name for v in graph.output}
     groups: dict[tuple[int, int], list[TensorProto]] = {}

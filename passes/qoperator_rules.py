@@ -307,7 +307,7 @@ def match_max_pool(node: NodeProto, view: GraphView, ctx: PassContext, contrib: 
     Transpose -> com.microsoft NhwcMaxPool -> Transpose with ``contrib``.
 
     onnxruntime runs an integer MaxPool in NCHW about 25x slower than its NHWC kernel (117 us against 4 us
-    for [1, 200, 2, 96] uint8), and converts to the NHWC one only where its layout pass carries a Transpose
+    for one [1, 200, 2, 96] uint8 pool alone), and converts to the NHWC one only where its layout pass carries a Transpose
     to the pool, which it does not after ops that stay NCHW (PP-OCR cls's hard-swish before its last pool).
     Written NHWC, the Transposes cancel against the layout pass's own ones where the neighbours are NHWC.
     """
