@@ -478,6 +478,34 @@ def test_nhwc_max_pool_keeps_every_pooling_attribute_exactly(pool) -> None:
     assert_same_outputs(qdq, out)
 
 
+def test_nhwc_max_pool_inside_an_if_branch() -> None:
+    inner = quantized_pool_head()
+    branch = helper.make_graph(list(inner.graph.node), "then", [], [tensor_input("y", [1, 3])], list(inner.graph.initializer))
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["zeros"], ["y_else"])], "else", [], [tensor_input("y_else", [1, 3])],
+        [init("zeros", np.zeros((1, 3), np.float32))],
+    )  # fmt: skip
+    nodes = [helper.make_node("If", ["cond"], ["out"], then_branch=branch, else_branch=other)]
+    inputs = [tensor_input("x", [1, 4, 6, 8]), tensor_input("cond", [], TensorProto.BOOL)]
+    model = make_model(nodes, inputs, [tensor_input("out", [1, 3])], opset=17)
+    out = qoperator(model).model
+    onnx.checker.check_model(out)
+    then = next(a.g for a in out.graph.node[0].attribute if a.name == "then_branch")
+    assert Counter(n.op_type for n in then.node)["NhwcMaxPool"] == 1 and Counter(n.op_type for n in then.node)["Transpose"] == 2
+    feeds = {"x": rand(1, 4, 6, 8), "cond": np.array(True)}
+    np.testing.assert_array_equal(run_model(out, feeds)["out"], run_model(as_nchw_max_pool_in_branch(out), feeds)["out"])
+
+
+def as_nchw_max_pool_in_branch(model: ModelProto) -> ModelProto:
+    """``model`` with its If's then-branch written back to a plain MaxPool (:func:`as_nchw_max_pool`)."""
+    out = ModelProto.FromString(model.SerializeToString())
+    attr = next(a for a in out.graph.node[0].attribute if a.name == "then_branch")
+    holder = ModelProto()
+    holder.graph.CopyFrom(attr.g)
+    attr.g.CopyFrom(as_nchw_max_pool(holder).graph)
+    return out
+
+
 # ----------------------------------------------------------------------------- real models
 
 
