@@ -241,11 +241,7 @@ def _share_zero_points(graph: GraphProto, ctx: PassContext) -> int:
         return 0
     rename_inputs(graph, mapping)
     drop_value_info(graph, set(mapping))
-    merged = {t.name for members in groups.values() if len(members) > 1 for t in members[1:]}
-    kept = [t for t in graph.initializer if t.name not in merged]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    return len(merged)
+    return drop_unread_initializers(ctx.model, set(mapping))  # the copies nothing reads after the renames
 
 
 def _channels_last(x: str, y: str, ctx: PassContext) -> tuple[str, str, list[NodeProto]]:
