@@ -81,3 +81,19 @@ def session_graph(model: ModelProto, folder: Path, level: Any = None) -> ModelPr
     options.log_severity_level = 3
     onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return onnx.load(options.optimized_model_filepath)
+
+
+def benchmark_model(name: str) -> tuple[ModelProto, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A model of ``benchmarks/quantize.py`` (fetched into the cache, free dims given distinct names), its 8 calibration
+    samples (seed 1) and one evaluation input (seed 2), as the benchmark builds them."""
+    import sys
+
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    import quantize as bench  # benchmarks/quantize.py
+
+    model = onnx.load(str(bench._cached(name)))
+    bench._distinct_dim_names(model)
+    feeds = {k: v[:1] for k, v in bench.inputs(name, 1, seed=2).items()}
+    return model, bench.inputs(name, 8, seed=1), feeds

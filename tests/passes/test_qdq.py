@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from helpers import assert_equivalent, init, make_model, session_graph, tensor_input
+from helpers import assert_equivalent, benchmark_model, init, make_model, session_graph, tensor_input
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 import onnxopt
@@ -684,20 +684,11 @@ def test_bias_correction_and_sensitivity_deterministic() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["ppocr_det", "ppocr_rec", "ppocr_cls", "magika"])
 def test_real_models_load_and_run(name: str) -> None:
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    import quantize as bench  # benchmarks/quantize.py
-
-    path = bench._cached(name)
-    model = onnx.load(str(path))
-    bench._distinct_dim_names(model)
-    data = CalibrationData.from_arrays(bench.inputs(name, 8, seed=1), model=model)
+    model, calib, feeds = benchmark_model(name)
+    data = CalibrationData.from_arrays(calib, model=model)
     for target in ("ort-cpu", "trt"):
         out = onnxopt.optimize(model, "default,qdq", target=target, calibration=data, isolate=False).model
         onnx.checker.check_model(out)
-        feeds = {k: v[:1] for k, v in bench.inputs(name, 1, seed=2).items()}
         ref, got = run_model(model, feeds), run_model(out, feeds)
         for key in ref:
             a, b = ref[key].ravel().astype(np.float64), got[key].ravel().astype(np.float64)

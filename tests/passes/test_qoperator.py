@@ -12,7 +12,7 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
-from helpers import init, make_model, tensor_input
+from helpers import benchmark_model, init, make_model, session_graph, tensor_input
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 import onnxopt
@@ -241,16 +241,21 @@ def test_groups_the_kernel_would_compute_differently_stay_qdq_with_the_reason(kw
     assert result.model.SerializeToString() == model.SerializeToString()
 
 
-def test_group_inside_an_if_branch_is_rewritten() -> None:
-    inner = qdq_conv(act="Relu")
-    branch = helper.make_graph(list(inner.graph.node), "then", [], [tensor_input("y", [1, 4, 6, 6])], list(inner.graph.initializer))
+def in_if_branch(inner: ModelProto, y_shape: list[int]) -> ModelProto:
+    """``inner``'s graph as the then-branch of an If on input ``cond`` (reading ``inner``'s input x from outside); the
+    else-branch gives zeros of ``y_shape``."""
+    branch = helper.make_graph(list(inner.graph.node), "then", [], [tensor_input("y", y_shape)], list(inner.graph.initializer))
     other = helper.make_graph(
-        [helper.make_node("Identity", ["zeros"], ["y_else"])], "else", [], [tensor_input("y_else", [1, 4, 6, 6])],
-        [init("zeros", np.zeros((1, 4, 6, 6), np.float32))],
+        [helper.make_node("Identity", ["zeros"], ["y_else"])], "else", [], [tensor_input("y_else", y_shape)],
+        [init("zeros", np.zeros(y_shape, np.float32))],
     )  # fmt: skip
     nodes = [helper.make_node("If", ["cond"], ["out"], then_branch=branch, else_branch=other)]
-    inputs = [tensor_input("x", [1, 3, 6, 6]), tensor_input("cond", [], TensorProto.BOOL)]
-    model = make_model(nodes, inputs, [tensor_input("out", [1, 4, 6, 6])], opset=17)
+    inputs = [inner.graph.input[0], tensor_input("cond", [], TensorProto.BOOL)]
+    return make_model(nodes, inputs, [tensor_input("out", y_shape)], opset=17)
+
+
+def test_group_inside_an_if_branch_is_rewritten() -> None:
+    model = in_if_branch(qdq_conv(act="Relu"), [1, 4, 6, 6])
     out = qoperator(model).model
     then = next(a.g for a in out.graph.node[0].attribute if a.name == "then_branch")
     assert Counter(n.op_type for n in then.node)["QLinearConv"] == 1
@@ -403,17 +408,6 @@ def quantized_pool_head(pool_rank: int = 2, **pool: object) -> ModelProto:
     return onnxopt.optimize(model, "qdq:method=minmax,slow_convs=true", target="ort-cpu", calibration=data, isolate=False).model
 
 
-def session_ops(model: ModelProto, tmp_path) -> Counter:
-    """Op types of the graph onnxruntime's CPU session runs (its optimized model)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "session.onnx")
-    options.log_severity_level = 3
-    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return ops(onnx.load(str(tmp_path / "session.onnx")))
-
-
 def test_integer_max_pool_is_written_nhwc_so_onnxruntime_runs_its_fast_kernel(tmp_path) -> None:
     """onnxruntime leaves this pool's integer MaxPool in NCHW (about 25x slower than its NhwcMaxPool) when given it as
     MaxPool; written as Transpose -> NhwcMaxPool -> Transpose it runs the NHWC kernel, with the same outputs."""
@@ -421,7 +415,7 @@ def test_integer_max_pool_is_written_nhwc_so_onnxruntime_runs_its_fast_kernel(tm
     out = qoperator(qdq).model
     onnx.checker.check_model(out)
     plain = as_nchw_max_pool(out)
-    assert session_ops(plain, tmp_path)["MaxPool"] == 1  # the case this rewrite is for: onnxruntime keeps NCHW here
+    assert ops(session_graph(plain, tmp_path))["MaxPool"] == 1  # the case this rewrite is for: onnxruntime keeps NCHW here
     nodes = {n.op_type: n for n in out.graph.node}
     pool = nodes["NhwcMaxPool"]
     assert pool.name == "pool" and pool.domain == "com.microsoft"
@@ -432,7 +426,8 @@ def test_integer_max_pool_is_written_nhwc_so_onnxruntime_runs_its_fast_kernel(tm
     )
     assert (before.op_type, list(before.attribute[0].ints)) == ("Transpose", [0, 2, 3, 1])
     assert (after.op_type, list(after.attribute[0].ints)) == ("Transpose", [0, 3, 1, 2])
-    assert session_ops(out, tmp_path)["MaxPool"] == 0 and session_ops(out, tmp_path)["com.microsoft.NhwcMaxPool"] == 1
+    session = ops(session_graph(out, tmp_path))
+    assert session["MaxPool"] == 0 and session["com.microsoft.NhwcMaxPool"] == 1
     feeds, _ = generate_inputs(qdq, seed=3)
     for key, value in run_model(plain, feeds).items():  # an integer max: exact
         np.testing.assert_array_equal(run_model(out, feeds)[key], value)
@@ -479,15 +474,7 @@ def test_nhwc_max_pool_keeps_every_pooling_attribute_exactly(pool) -> None:
 
 
 def test_nhwc_max_pool_inside_an_if_branch() -> None:
-    inner = quantized_pool_head()
-    branch = helper.make_graph(list(inner.graph.node), "then", [], [tensor_input("y", [1, 3])], list(inner.graph.initializer))
-    other = helper.make_graph(
-        [helper.make_node("Identity", ["zeros"], ["y_else"])], "else", [], [tensor_input("y_else", [1, 3])],
-        [init("zeros", np.zeros((1, 3), np.float32))],
-    )  # fmt: skip
-    nodes = [helper.make_node("If", ["cond"], ["out"], then_branch=branch, else_branch=other)]
-    inputs = [tensor_input("x", [1, 4, 6, 8]), tensor_input("cond", [], TensorProto.BOOL)]
-    model = make_model(nodes, inputs, [tensor_input("out", [1, 3])], opset=17)
+    model = in_if_branch(quantized_pool_head(), [1, 3])
     out = qoperator(model).model
     onnx.checker.check_model(out)
     then = next(a.g for a in out.graph.node[0].attribute if a.name == "then_branch")
@@ -514,22 +501,14 @@ def as_nchw_max_pool_in_branch(model: ModelProto) -> ModelProto:
 def test_real_models_give_the_qdq_outputs(name: str) -> None:
     """Each real model's QOperator form gives its Q/DQ form's outputs exactly in onnxruntime with its graph
     optimizations on (which build the same kernels from the Q/DQ groups; without them the Q/DQ model runs in float)."""
-    import sys
-    from pathlib import Path
-
     import onnxruntime as ort
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    import quantize as bench  # benchmarks/quantize.py
-
-    model = onnx.load(str(bench._cached(name)))
-    bench._distinct_dim_names(model)
-    data = CalibrationData.from_arrays(bench.inputs(name, 8, seed=1), model=model)
+    model, calib, feeds = benchmark_model(name)
+    data = CalibrationData.from_arrays(calib, model=model)
     qdq = onnxopt.optimize(model, "default,qdq", target="ort-cpu", calibration=data, isolate=False).model
     out = qoperator(qdq).model
     onnx.checker.check_model(out)
     assert not any(n.op_type == "MaxPool" for n in out.graph.node)  # PP-OCR cls's integer pool is written NHWC
-    feeds = {k: v[:1] for k, v in bench.inputs(name, 1, seed=2).items()}
     options = ort.SessionOptions()
     options.log_severity_level = 3
     ref, got = (
