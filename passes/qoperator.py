@@ -12,6 +12,8 @@ the model. This pass writes those kernels into the file instead (the rules are i
   ``QLinearConcat``, and a 2-D integer MaxPool as ``NhwcMaxPool`` between two Transposes;
 * MaxPool / Reshape / Transpose / Flatten / Squeeze / Unsqueeze between a DQ and a Q of the same
   scale and zero point run on the integers directly (exact).
+* a nearest Resize by 2^k on H and W (same scale and zero point) as k integer Resizes by 2 and a
+  no-op Reshape: the form onnxruntime copies fast and leaves NCHW (``match_resize``).
 
 What no longer reads a DequantizeLinear goes: the weights' DequantizeLinear nodes, the bias scales
 (QLinearConv derives them), per-channel zero points of 0 (one shared zero); equal constants (the
@@ -28,6 +30,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from onnxopt.errors import OnnxoptError
@@ -45,7 +48,7 @@ from onnxopt.passes.contrib_ops import MS_DOMAIN
 from onnxopt.passes.cse import DedupeInitializers
 from onnxopt.passes.fusion_support import drop_value_info, import_domain, replace_nodes
 from onnxopt.passes.noop_rules import NoMatch
-from onnxopt.passes.qoperator_rules import RULES, ZERO, QMatch
+from onnxopt.passes.qoperator_rules import RULES, ZERO, Input, NewConstant, QMatch
 from onnxopt.registry import register_pass
 from onnxopt.shapes import StaticType, register_standin
 
@@ -176,12 +179,12 @@ def _float_by_choice(view: GraphView, node: NodeProto) -> bool:
 
 def _apply(graph: GraphProto, view: GraphView, matches: list[QMatch], ctx: PassContext, result: PassResult) -> None:
     """Replace each group by its node (placed where the group's Q was), then sweep what nothing reads."""
-    zeros: dict[int, str] = {}
+    written: dict[object, str] = {}
     replaced: dict[int, list[NodeProto]] = {}
     stale: set[str] = set()
     read_by_groups: set[str] = set()
     for found in matches:
-        inputs = [_input(graph, item, zeros, ctx) for item in found.inputs]
+        inputs = [_input(graph, item, written, ctx) for item in found.inputs]
         output, layout = found.output, []
         if found.channels_last:
             inputs[0], output, layout = _channels_last(inputs[0], found.output, ctx)
@@ -197,7 +200,8 @@ def _apply(graph: GraphProto, view: GraphView, matches: list[QMatch], ctx: PassC
             replaced[id(old)] = []
             read_by_groups.update(old.input)
             stale.update(o for o in old.output if o and o != found.output)
-        replaced[id(found.nodes[-1])] = [layout[0], node, layout[1]] if layout else [node]
+        steps = _steps(node, found, graph, written, ctx)
+        replaced[id(found.nodes[-1])] = [layout[0], *steps, layout[1]] if layout else steps
         result.count(f"{found.anchor.op_type}_to_{found.op_type}")
     replace_nodes(graph, view.nodes, replaced)
     removed = _sweep_unread(graph)
@@ -252,16 +256,39 @@ def _channels_last(x: str, y: str, ctx: PassContext) -> tuple[str, str, list[Nod
     return nhwc_x, nhwc_y, [to_nhwc, to_nchw]
 
 
-def _input(graph: GraphProto, item: str | tuple[str, int], zeros: dict[int, str], ctx: PassContext) -> str:
-    """A value name; a shared zero point of the type for ``(ZERO, dtype)`` (written once per graph)."""
+def _steps(node: NodeProto, found: QMatch, graph: GraphProto, written: dict[object, str], ctx: PassContext) -> list[NodeProto]:
+    """``node`` applied ``found.repeat`` times in a row, then the no-op Reshape of ``found.keep_nchw``."""
+    out = node.output[0]
+    steps = [node]
+    for step in range(1, found.repeat):
+        steps[-1].output[0] = ctx.names.fresh(f"{out}_step{step}")
+        again = NodeProto.FromString(node.SerializeToString())
+        again.name = ctx.names.fresh(f"{node.name}_step{step + 1}")
+        again.input[0], again.output[0] = steps[-1].output[0], out
+        steps.append(again)
+    if found.keep_nchw:
+        steps[-1].output[0] = ctx.names.fresh(f"{out}_nchw")
+        shape = _input(graph, NewConstant("same_shape_4d", np.zeros(4, np.int64)), written, ctx)
+        steps.append(helper.make_node("Reshape", [steps[-1].output[0], shape], [out], name=ctx.names.fresh(f"{out}_keep_nchw")))
+    return steps
+
+
+def _input(graph: GraphProto, item: Input, written: dict[object, str], ctx: PassContext) -> str:
+    """A value name; the shared zero point of the type for ``(ZERO, dtype)`` and the initializer of a :class:`NewConstant`,
+    each written once per graph (``written`` remembers them)."""
     if isinstance(item, str):
         return item
+    if isinstance(item, NewConstant):
+        if item.key() not in written:
+            written[item.key()] = ctx.names.fresh(item.hint)
+            graph.initializer.append(numpy_helper.from_array(item.value, written[item.key()]))
+        return written[item.key()]
     marker, dtype = item
     assert marker == ZERO
-    if dtype not in zeros:
-        zeros[dtype] = ctx.names.fresh(f"zero_{ZERO_TYPES[dtype]}")
-        graph.initializer.append(helper.make_tensor(zeros[dtype], dtype, [], [0]))
-    return zeros[dtype]
+    if dtype not in written:
+        written[dtype] = ctx.names.fresh(f"zero_{ZERO_TYPES[dtype]}")
+        graph.initializer.append(helper.make_tensor(written[dtype], dtype, [], [0]))
+    return written[dtype]
 
 
 def _sweep_unread(graph: GraphProto) -> list[NodeProto]:

@@ -21,6 +21,9 @@ from onnxopt.errors import OnnxoptError, OptionError
 from onnxopt.verify import generate_inputs, run_model
 
 RNG = np.random.default_rng(7)
+# The models here use 7-bit weights (qdq's reduce_range): onnxruntime's integer kernels are then exact on every CPU. On x86
+# CPUs without VNNI they add pairs of uint8 x int8 products in int16, which saturates with 8-bit weights, and the QLinear
+# outputs would no longer match the float Q/DQ arithmetic they are compared with.
 
 
 def rand(*shape: int, scale: float = 1.0) -> np.ndarray:
@@ -76,7 +79,7 @@ def quantized(model: ModelProto) -> ModelProto:
     """``qdq`` for ort-cpu (minmax, every layer but the head) calibrated on 8 random samples."""
     x = np.random.default_rng(1).standard_normal((16, 3, 8, 8)).astype(np.float32)
     data = CalibrationData.from_arrays({"x": x}, model=model)
-    spec = "qdq:method=minmax,equalize=false,slow_convs=true"
+    spec = "qdq:method=minmax,equalize=false,slow_convs=true,reduce_range=true"
     return onnxopt.optimize(model, spec, target="ort-cpu", calibration=data, isolate=False).model
 
 
@@ -173,7 +176,7 @@ def qdq_conv(
     *, act: str = "", clip: tuple[float, float] = (0.0, 6.0), y_zero: int = 0, bias_scale_factor: float = 1.0, w_zero: int = 0
 ) -> ModelProto:
     """x -> Q -> DQ -> Conv(DQ(w int8 per-channel), DQ(b int32)) [-> Relu/Clip] -> Q -> DQ -> y, written by hand."""
-    weight = RNG.integers(-127, 128, (4, 3, 3, 3)).astype(np.int8)
+    weight = RNG.integers(-63, 64, (4, 3, 3, 3)).astype(np.int8)  # 7-bit: exact in onnxruntime's kernels on every CPU
     w_scale = np.array([0.01, 0.02, 0.015, 0.012], np.float32)
     x_scale = np.float32(0.05)
     bias = RNG.integers(-500, 500, 4).astype(np.int32)
@@ -242,7 +245,7 @@ def test_groups_the_kernel_would_compute_differently_stay_qdq_with_the_reason(kw
 
 
 def in_if_branch(inner: ModelProto, y_shape: list[int]) -> ModelProto:
-    """``inner``'s graph as the then-branch of an If on input ``cond`` (reading ``inner``'s input x from outside); the
+    """``inner``'s graph as the then-branch of an If on input ``cond`` (reading ``inner``'s inputs from outside); the
     else-branch gives zeros of ``y_shape``."""
     branch = helper.make_graph(list(inner.graph.node), "then", [], [tensor_input("y", y_shape)], list(inner.graph.initializer))
     other = helper.make_graph(
@@ -250,7 +253,7 @@ def in_if_branch(inner: ModelProto, y_shape: list[int]) -> ModelProto:
         [init("zeros", np.zeros(y_shape, np.float32))],
     )  # fmt: skip
     nodes = [helper.make_node("If", ["cond"], ["out"], then_branch=branch, else_branch=other)]
-    inputs = [inner.graph.input[0], tensor_input("cond", [], TensorProto.BOOL)]
+    inputs = [*inner.graph.input, tensor_input("cond", [], TensorProto.BOOL)]
     return make_model(nodes, inputs, [tensor_input("out", y_shape)], opset=17)
 
 
@@ -319,7 +322,9 @@ def test_bias_corrected_matmul_add_keeps_rank0_scales_and_becomes_qlinearadd() -
     model = make_model(nodes, [tensor_input("x", [4, 16])], [tensor_input("y", [4, 8])], inits, opset=17)
     x = np.random.default_rng(2).standard_normal((64, 16)).astype(np.float32)
     data = CalibrationData.from_arrays({"x": x}, model=model)
-    result = onnxopt.optimize(model, "qdq:method=minmax,bias_correction=true", target="ort-cpu", calibration=data, isolate=False)
+    result = onnxopt.optimize(
+        model, "qdq:method=minmax,bias_correction=true,reduce_range=true", target="ort-cpu", calibration=data, isolate=False
+    )
     assert any("bias correction" in note for note in result.report.notes), result.report.notes
     qdq = result.model
     constants = {t.name: t for t in qdq.graph.initializer}
@@ -344,7 +349,7 @@ def test_layers_qdq_keeps_float_with_int8_weights_are_noted_as_a_choice() -> Non
     model = make_model(nodes, [tensor_input("x", [1, 8, 6, 6])], [tensor_input("y", [1, 4, 6, 6])], inits, opset=17)
     x = np.random.default_rng(1).standard_normal((16, 8, 6, 6)).astype(np.float32)
     data = CalibrationData.from_arrays({"x": x}, model=model)
-    q = onnxopt.optimize(model, "qdq:method=minmax,keep_outputs=false", target="ort-cpu", calibration=data, isolate=False).model
+    q = onnxopt.optimize(model, "qdq:method=minmax,reduce_range=true", target="ort-cpu", calibration=data, isolate=False).model
     result = qoperator(q)
     depthwise = next(n for n in result.model.graph.node if n.name == "depthwise")
     assert depthwise.op_type == "Conv"
@@ -405,7 +410,9 @@ def quantized_pool_head(pool_rank: int = 2, **pool: object) -> ModelProto:
     model = pool_head(pool_rank, **pool)
     x = np.random.default_rng(1).standard_normal((8, *[d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim][1:]))
     data = CalibrationData.from_arrays({"x": x.astype(np.float32)}, model=model)
-    return onnxopt.optimize(model, "qdq:method=minmax,slow_convs=true", target="ort-cpu", calibration=data, isolate=False).model
+    return onnxopt.optimize(
+        model, "qdq:method=minmax,slow_convs=true,reduce_range=true", target="ort-cpu", calibration=data, isolate=False
+    ).model
 
 
 def test_integer_max_pool_is_written_nhwc_so_onnxruntime_runs_its_fast_kernel(tmp_path) -> None:
@@ -491,6 +498,172 @@ def as_nchw_max_pool_in_branch(model: ModelProto) -> ModelProto:
     holder.graph.CopyFrom(attr.g)
     attr.g.CopyFrom(as_nchw_max_pool(holder).graph)
     return out
+
+
+# ----------------------------------------------------------------------------- nearest upsampling
+
+
+def upsample_head(scales: list[float], spatial: tuple[object, object] = (5, 6), **resize: object) -> ModelProto:
+    """Conv -> Resize -> Add (a Conv of the input at the upsampled size) -> Conv -> Relu -> Conv, an FPN merge as in
+    PP-OCR det; the integer Convs run NHWC in onnxruntime, so its layout pass would carry that layout to the Resize."""
+    attrs = resize or {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Resize", ["c", "", "scales"], ["up"], name="upsample", **attrs),
+        helper.make_node("Conv", ["big", "w2", "b2"], ["lateral"], name="lateral", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["up", "lateral"], ["merged"], name="merge"),
+        helper.make_node("Conv", ["merged", "w3", "b3"], ["h"], name="head", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w4", "b4"], ["y"], name="out", pads=[1, 1, 1, 1]),
+    ]
+    inits = [
+        init("scales", np.array(scales, np.float32)),
+        *(init(f"w{i}", rand(16, 4 if i < 3 else 16, 3, 3, scale=0.3)) for i in (1, 2, 3, 4)),
+        *(init(f"b{i}", rand(16, scale=0.1)) for i in (1, 2, 3, 4)),
+    ]
+    h, w = spatial
+    big = [d * int(f) if isinstance(d, int) else f"{d}_up" for d, f in zip((h, w), scales[2:], strict=True)]
+    inputs = [tensor_input("x", [1, 4, h, w]), tensor_input("big", [1, 4, *big])]
+    return make_model(nodes, inputs, [tensor_input("y", [1, 16, *big])], inits, opset=17)
+
+
+def quantized_upsample_head(scales: list[float], **resize: object) -> ModelProto:
+    model = upsample_head(scales, **resize)
+    rng = np.random.default_rng(1)
+    data = {"x": rng.standard_normal((8, 4, 5, 6)), "big": rng.standard_normal((8, 4, 5 * int(scales[2]), 6 * int(scales[3])))}
+    calib = CalibrationData.from_arrays({k: v.astype(np.float32) for k, v in data.items()}, model=model)
+    return onnxopt.optimize(
+        model, "qdq:method=minmax,slow_convs=true,reduce_range=true", target="ort-cpu", calibration=calib, isolate=False
+    ).model
+
+
+def run_optimized(model: ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Outputs of ``model`` in onnxruntime with its graph optimizations on: the integer kernels it builds from Q/DQ groups
+    (without them a Q/DQ model runs in float, which the QOperator form cannot match exactly)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
+
+
+def upsample_feeds(factor: float, h: int = 5, w: int = 6, w_factor: float | None = None) -> dict[str, np.ndarray]:
+    return {"x": rand(1, 4, h, w), "big": rand(1, 4, h * int(factor), w * int(w_factor or factor))}
+
+
+def resize_scales(model: ModelProto) -> list[list[float]]:
+    """The scales of every Resize in ``model``'s main graph (an onnxruntime session graph's layout shows in them)."""
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return [values[n.input[2]].tolist() for n in model.graph.node if n.op_type == "Resize"]
+
+
+def without_keep_nchw(model: ModelProto) -> ModelProto:
+    """``model`` with the no-op Reshapes after its Resizes dropped (the Resizes then write their readers' input)."""
+    out = ModelProto.FromString(model.SerializeToString())
+    guards = [n for n in out.graph.node if n.op_type == "Reshape" and n.name.endswith("_keep_nchw")]
+    for guard in guards:
+        next(n for n in out.graph.node if n.output and n.output[0] == guard.input[0]).output[0] = guard.output[0]
+    kept = [n for n in out.graph.node if n not in guards]
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
+    return out
+
+
+def test_integer_upsampling_by_two_stays_nchw_in_onnxruntime(tmp_path) -> None:
+    """Between NHWC convolutions onnxruntime moves an integer Resize to NHWC, where its generic loop is about 20x slower
+    than its NCHW x2 copy; the no-op Reshape after it keeps it NCHW, with the Q/DQ model's outputs exactly."""
+    qdq = quantized_upsample_head([1, 1, 2, 2])
+    out = qoperator(qdq).model
+    onnx.checker.check_model(out)
+    resize = next(n for n in out.graph.node if n.op_type == "Resize")
+    assert resize.name == "upsample" and next(n for n in out.graph.node if resize.input[0] in n.output).op_type == "QLinearConv"
+    guard = next(n for n in out.graph.node if resize.output[0] in n.input)
+    assert (
+        guard.op_type == "Reshape"
+        and numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == guard.input[1])).tolist() == [0] * 4
+    )
+    assert resize_scales(session_graph(without_keep_nchw(out), tmp_path)) == [[1, 2, 2, 1]]  # the case this is for: NHWC
+    assert resize_scales(session_graph(out, tmp_path)) == [[1, 1, 2, 2]]
+    feeds = upsample_feeds(2)
+    for key, value in run_optimized(qdq, feeds).items():
+        np.testing.assert_array_equal(run_optimized(out, feeds)[key], value)
+
+
+@pytest.mark.parametrize("factor", [2, 4, 8])
+@pytest.mark.parametrize(
+    ("transform", "rounding"),
+    [
+        ("asymmetric", "floor"),
+        ("half_pixel", "round_prefer_floor"),
+        ("pytorch_half_pixel", "round_prefer_ceil"),
+        ("tf_half_pixel_for_nn", "floor"),
+    ],
+)
+def test_nearest_upsampling_by_a_power_of_two_becomes_steps_of_two_exactly(factor, transform, rounding) -> None:
+    qdq = quantized_upsample_head([1, 1, factor, factor], mode="nearest", coordinate_transformation_mode=transform, nearest_mode=rounding)
+    result = qoperator(qdq)
+    resizes = [n for n in result.model.graph.node if n.op_type == "Resize"]
+    assert len(resizes) == int(np.log2(factor)) and resize_scales(result.model) == [[1, 1, 2, 2]] * len(resizes)
+    assert {(get(n, "coordinate_transformation_mode"), get(n, "nearest_mode")) for n in resizes} == {(b"asymmetric", b"floor")}
+    feeds = upsample_feeds(factor)
+    for key, value in run_optimized(qdq, feeds).items():
+        np.testing.assert_array_equal(run_optimized(result.model, feeds)[key], value)
+
+
+def get(node: onnx.NodeProto, name: str) -> object:
+    return next(helper.get_attribute_value(a) for a in node.attribute if a.name == name)
+
+
+@pytest.mark.parametrize(
+    ("scales", "resize", "reason"),
+    [
+        ([1, 1, 3, 3], {}, "are not [1, 1, 2^k, 2^k]"),
+        ([1, 1, 2, 1], {}, "are not [1, 1, 2^k, 2^k]"),
+        (
+            [1, 1, 2, 2],
+            {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "round_prefer_floor"},
+            "does not read floor",
+        ),
+        ([1, 1, 2, 2], {"mode": "nearest", "coordinate_transformation_mode": "align_corners"}, "does not read floor"),
+        ([1, 1, 2, 2], {"mode": "linear"}, "interpolates"),
+    ],
+)
+def test_other_resizes_stay_qdq_with_the_reason(scales, resize, reason) -> None:
+    qdq = quantized_upsample_head(scales, **resize)
+    result = qoperator(qdq)
+    resize_node = next(n for n in result.model.graph.node if n.op_type == "Resize")
+    assert any(n.op_type == "DequantizeLinear" and n.output[0] == resize_node.input[0] for n in result.model.graph.node)
+    assert any(reason in note for note in result.report.notes), result.report.notes
+    feeds = upsample_feeds(scales[2], w_factor=scales[3])
+    for key, value in run_optimized(qdq, feeds).items():
+        np.testing.assert_array_equal(run_optimized(result.model, feeds)[key], value)
+
+
+def test_upsampling_with_free_spatial_dims_runs_at_any_size() -> None:
+    model = upsample_head([1, 1, 4, 4], spatial=("h", "w"))
+    rng = np.random.default_rng(1)
+    data = {"x": rng.standard_normal((8, 4, 5, 6)), "big": rng.standard_normal((8, 4, 20, 24))}
+    calib = CalibrationData.from_arrays({k: v.astype(np.float32) for k, v in data.items()}, model=model)
+    qdq = onnxopt.optimize(
+        model, "qdq:method=minmax,slow_convs=true,reduce_range=true", target="ort-cpu", calibration=calib, isolate=False
+    ).model
+    out = qoperator(qdq).model
+    assert Counter(n.op_type for n in out.graph.node)["Resize"] == 2
+    for h, w in ((5, 6), (3, 9)):
+        feeds = upsample_feeds(4, h, w)
+        for key, value in run_optimized(qdq, feeds).items():
+            np.testing.assert_array_equal(run_optimized(out, feeds)[key], value)
+
+
+def test_upsampling_inside_an_if_branch() -> None:
+    model = in_if_branch(quantized_upsample_head([1, 1, 4, 4]), [1, 16, 20, 24])
+    out = qoperator(model).model
+    onnx.checker.check_model(out)
+    then = next(a.g for a in out.graph.node[0].attribute if a.name == "then_branch")
+    assert Counter(n.op_type for n in then.node)["Resize"] == 2 and Counter(n.op_type for n in then.node)["Reshape"] == 1
+    feeds = {**upsample_feeds(4), "cond": np.array(True)}
+    np.testing.assert_array_equal(run_optimized(out, feeds)["out"], run_optimized(model, feeds)["out"])
 
 
 # ----------------------------------------------------------------------------- real models
