@@ -30,6 +30,7 @@ from typing import Literal
 import numpy as np
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
+from onnxopt.cpu import int8_pairs_saturate, saturation_warning
 from onnxopt.errors import OnnxoptError, OptionError
 from onnxopt.graph import GraphScope, GraphView, drop_unread_initializers, is_standard, opset_version, with_outer_constants
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_patterns, matches_pattern, option
@@ -404,6 +405,8 @@ class DynamicInt8(Pass):
             raise OnnxoptError(
                 f"{PASS_NAME}: needs ai.onnx opset >= {MIN_OPSET} (DynamicQuantizeLinear), the model has {version}: add --opset {MIN_OPSET}"
             )
+        if not options.reduce_range and int8_pairs_saturate():
+            result.warnings.append(saturation_warning(PASS_NAME))
         kept: Counter = Counter()
         changed = False
         rounded = _gptq_weights(model, ctx, options, result) if options.rounding == "gptq" else {}

@@ -42,6 +42,7 @@ import numpy as np
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from onnxopt.calibration import RANGE_METHODS, CalibrationData, TensorStats, collect_stats, compute_range
+from onnxopt.cpu import int8_pairs_saturate, saturation_warning
 from onnxopt.errors import OnnxoptError, OptionError, one_line
 from onnxopt.graph import GraphView, NameGenerator, drop_unread_initializers, iter_scopes, opset_version
 from onnxopt.passbase import Pass, PassContext, PassOptions, PassResult, Requirement, check_patterns, option
@@ -58,15 +59,18 @@ PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis (per-channel scales)
 QDQ_OPSET = 10  # QuantizeLinear/DequantizeLinear exist from opset 10
 EMBEDDING_MIN_SIZE = 65536  # Gather tables at least this large are stored as int8 (option embeddings)
 METHODS = ("auto", *RANGE_METHODS)
-AUTO_METHOD = {"trt": "mse", "portable": "mse", "ort-gpu": "mse", "ort-cpu": "percentile"}
+# auto: mse on every target. On ort-cpu it beat percentile (99.99) on each real model here: PP-OCR det IoU 0.968 vs 0.955,
+# magika top-1 0.992 vs 0.980 (256 files), cls cosine 0.9996 vs 0.9991 (exact arithmetic), rec top-1 within noise
+AUTO_METHOD = "mse"
 INT8_MAX = 127
+REDUCED_MAX = 63  # reduce_range: 7-bit weights
 
 
 @dataclass
 class QdqOptions(PassOptions):
     """Options of :class:`QuantizeQDQ`."""
 
-    method: str = option("auto", "auto (mse for trt/portable, percentile for ort-cpu), minmax, percentile, entropy or mse")
+    method: str = option("auto", "auto (mse), minmax, percentile, entropy or mse")
     percentile: float = option(99.99, "percentile method: the share of values (in %) kept inside the range")
     per_channel: bool = option(True, "per-channel weight scales (per-tensor when false)")
     exclude: tuple[str, ...] = option((), "nodes kept in float: node names, op types or regexes matching a whole node name, '|'-separated")
@@ -87,6 +91,11 @@ class QdqOptions(PassOptions):
     damp: float = option(0.01, "gptq: Hessian damping as a fraction of its mean diagonal")
     embeddings: bool = option(True, "ort-cpu/portable: store Gather tables of >= 65536 values as int8 (rows dequantized after lookup)")
     equalize: bool = option(True, "even out the channel ranges of Conv -> Conv tensors first (exact in float; see qdq_equalize)")
+    reduce_range: bool = option(
+        False,
+        "ort-cpu/portable: 7-bit weights (|w| <= 63). onnxruntime's uint8 x int8 kernels on x86 CPUs without VNNI (AVX2, "
+        "AVX-512 without VNNI) add pairs of products in int16, which saturates with 8-bit weights; VNNI and ARM CPUs are exact either way",
+    )
     slow_convs: bool = option(
         False,
         "ort-cpu: also quantize the activations of the convolutions onnxruntime runs slower in int8 than in float "
@@ -232,7 +241,7 @@ class QuantizeQDQ(Pass):
             raise OnnxoptError("qdq: needs calibration data (give --calib PATH, or --calib random for testing)")
         target = ctx.target
         symmetric = target != "ort-cpu"
-        method = options.method if options.method != "auto" else AUTO_METHOD.get(target, "entropy")
+        method = options.method if options.method != "auto" else AUTO_METHOD
         per_channel = options.per_channel
         version = opset_version(model) or 1
         need = PER_CHANNEL_OPSET if (per_channel or not symmetric) else QDQ_OPSET
@@ -250,6 +259,8 @@ class QuantizeQDQ(Pass):
         graph = model.graph  # the upgrade replaced the model's contents
         if any(n.op_type in ("If", "Loop", "Scan") for n in graph.node):
             result.notes.append("qdq: If/Loop/Scan bodies are left in float")
+        if target in ("ort-cpu", "portable") and not options.reduce_range and int8_pairs_saturate():
+            result.warnings.append(saturation_warning(PASS_NAME))
         data: Any = ctx.calibration
         if options.calib_batches:
             data = _Limited(data, options.calib_batches)
@@ -380,7 +391,15 @@ class Builder:
         self.ensure_stats(plan.tensors)
         params = _tensor_params(plan, self.stats, self.method, self.options.percentile, self.symmetric, self.inputs)
         rewrite = _Rewriter(
-            model, view, NameGenerator(model), plan, params, symmetric=self.symmetric, per_channel=self.per_channel, rounding=self.rounding
+            model,
+            view,
+            NameGenerator(model),
+            plan,
+            params,
+            symmetric=self.symmetric,
+            per_channel=self.per_channel,
+            rounding=self.rounding,
+            weight_qmax=REDUCED_MAX if self.options.reduce_range else INT8_MAX,
         )
         rewrite.apply(result if result is not None else PassResult())
         return model, plan, rewrite
@@ -399,7 +418,8 @@ def _gptq(
         if len(view.consumers.get(name, [])) != 1:
             continue
         axis = weight_axis(node, weight) if per_channel else None
-        layers.append(GptqLayer(node, tuple(weight.shape), (name, axis), weight_params(weight, axis).scale))
+        qmax = REDUCED_MAX if options.reduce_range else INT8_MAX
+        layers.append(GptqLayer(node, tuple(weight.shape), (name, axis), weight_params(weight, axis, qmax).scale, qmax))
     if not layers:
         return GptqRounding()
     weight_of = functools.partial(const_name, view)
@@ -553,9 +573,10 @@ class _Rewriter:
         symmetric: bool,
         per_channel: bool,
         rounding: GptqRounding | None = None,
+        weight_qmax: int = INT8_MAX,
     ):
         self.model, self.view, self.names, self.plan, self.params = model, view, names, plan, params
-        self.symmetric, self.per_channel, self.rounding = symmetric, per_channel, rounding
+        self.symmetric, self.per_channel, self.rounding, self.weight_qmax = symmetric, per_channel, rounding, weight_qmax
         self.inits: list[TensorProto] = []
         self.front: list[NodeProto] = []
         self.replaced: set[str] = set()
@@ -676,7 +697,7 @@ class _Rewriter:
         axis = weight_axis(node, weight) if self.per_channel else None
         key = (name, axis)
         if (key, folded) not in cache:
-            params = weight_params(weight, axis)
+            params = weight_params(weight, axis, self.weight_qmax)
             q_name = self._init(f"{name}_quantized", self._integers(weight, params, key))
             if folded:
                 out = self._cast_mul(q_name, params, name, weight.ndim)
@@ -693,7 +714,7 @@ class _Rewriter:
     def _integers(self, weight: np.ndarray, params: QParams, key: tuple[str, int | None]) -> np.ndarray:
         """int8 values of a weight: GPTQ-rounded when it was (for these scales), else rounded to nearest."""
         q = self.rounding.integers(key, params.scale) if self.rounding else None
-        return q if q is not None else quantize_weight(weight, params)
+        return q if q is not None else quantize_weight(weight, params, self.weight_qmax)
 
     def _bias(self, node: NodeProto, wparams: QParams, result: PassResult) -> None:
         if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or not node.input[2]:

@@ -54,8 +54,9 @@ def layer_hessians(
     return gram_matrices(model, request, data, batch_size=batch_size, limit=limit, rows_per_sample=ROWS_PER_SAMPLE)
 
 
-def gptq_int8(node: NodeProto, weight: np.ndarray, scale: np.ndarray, hessian: np.ndarray, damp: float) -> np.ndarray:
-    """int8 values of ``weight`` (its own layout) rounded by GPTQ with the given per-output-channel or per-tensor ``scale``."""
+def gptq_int8(node: NodeProto, weight: np.ndarray, scale: np.ndarray, hessian: np.ndarray, damp: float, qmax: int = INT8_MAX) -> np.ndarray:
+    """int8 values of ``weight`` (its own layout) rounded by GPTQ with the given per-output-channel or per-tensor ``scale``,
+    within [-qmax, qmax]."""
     w = weight.astype(np.float64)
     if node.op_type == "Conv":
         groups = hessian.shape[0]
@@ -65,11 +66,11 @@ def gptq_int8(node: NodeProto, weight: np.ndarray, scale: np.ndarray, hessian: n
         for g in range(groups):
             rows = slice(g * per_group, (g + 1) * per_group)
             kn = w[rows].reshape(per_group, -1).T
-            out[rows] = gptq_columns(kn, hessian[g], scales[rows], damp).T.reshape(w[rows].shape)
+            out[rows] = gptq_columns(kn, hessian[g], scales[rows], damp, qmax).T.reshape(w[rows].shape)
         return out
     trans_b = node.op_type == "Gemm" and _attr(node, "transB", 0)
     kn = w.T if trans_b else w
-    q = gptq_columns(kn, hessian[0], scale, damp)  # per-column scales, or one per-tensor scale broadcast
+    q = gptq_columns(kn, hessian[0], scale, damp, qmax)  # per-column scales, or one per-tensor scale broadcast
     return q.T if trans_b else q
 
 
@@ -97,6 +98,7 @@ class GptqLayer:
     shape: tuple[int, ...]
     key: tuple[str, int | None]
     scale: np.ndarray
+    qmax: int = INT8_MAX  # the integers' bound (63 for 7-bit weights)
 
 
 @dataclass
@@ -141,6 +143,6 @@ def gptq_rounding(
             hessian = hessians.get(layer_key(layer.node))
             if hessian is not None:
                 weight = weight_of(layer.key[0])
-                rounding.rounded[layer.key] = (layer.scale, gptq_int8(layer.node, weight, layer.scale, hessian, damp))
+                rounding.rounded[layer.key] = (layer.scale, gptq_int8(layer.node, weight, layer.scale, hessian, damp, layer.qmax))
         del hessians
     return rounding
