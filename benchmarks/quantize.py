@@ -1,10 +1,15 @@
 """INT8 side by side: onnxopt's ``qdq`` pass and onnxruntime's quantize_static on the real models.
 
     python benchmarks/quantize.py [--models ppocr_det,ppocr_rec,ppocr_cls,magika,minilm] [--runs 30] [--passes ...]
+                                  [--reduce-range]
 
 Both tools calibrate on the same 32 realistic inputs (models/calib_data.py; magika: byte
 features of Python standard library files) and are evaluated on 16 other ones (PP-OCR rec: 256
-text lines, 10240 steps, since its per-step agreement moves by 0.0016 per step on 16 lines). onnxruntime's
+text lines, 10240 steps, since its per-step agreement moves by 0.0016 per step on 16 lines; cls 1024 lines and
+magika 256 files, where one flip in 16 moves top-1 agreement by 0.06). ``--reduce-range`` gives every ``qdq`` and
+``int8_dynamic`` of the pipelines ``reduce_range=true`` (7-bit weights, for x86 CPUs without VNNI, where
+onnxruntime's uint8 x int8 kernels saturate with 8-bit ones); each row says whether this CPU is one
+(``cpu_saturates_int8``). onnxruntime's
 quantizer runs in a child process (it crashes on some models) in its fast CPU form: QDQ, uint8
 activations, int8 per-channel weights, on the model upgraded to opset 13 (it needs that for
 per-channel) and passed through its own ``quant_pre_process`` (without it, weights stored as
@@ -44,12 +49,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from timing import latency, session  # noqa: E402  (benchmarks/timing.py)
 
+from onnxopt.cpu import int8_pairs_saturate  # noqa: E402
+
 MODELS = ("ppocr_det", "ppocr_rec", "ppocr_cls", "magika", "minilm")
 EXPORTS = Path("/tmp/exports")
 CALIB, EVAL = 32, 16
 # per-step agreement of 40-step lines: near-tie steps flip with one-LSB changes anywhere in the network, so four sets of
 # 64 lines differ by up to 0.004; 256 lines (10240 steps) tell 0.978 from 0.982
-EVAL_SAMPLES = {"ppocr_rec": 256}
+EVAL_SAMPLES = {"ppocr_rec": 256, "ppocr_cls": 1024, "magika": 256}
 # every other model: default,qdq,qoperator. rec: its MatMuls dynamic (no clipping), its convs static with GPTQ rounding, and the
 # layers with the most output error per MAC kept float (int8 weights, float compute) within 90% of the quantized layers'
 # MACs (0.4: top-1 0.977, 0.8: 0.982, 0.9: 0.988 on 4 x 64 lines, all at about 0.58 of FP32 latency once qdq fuses the
@@ -205,6 +212,17 @@ def fidelity(name: str, ref: list[np.ndarray], got: list[np.ndarray], feeds: dic
     return out
 
 
+def with_reduce_range(passes: str) -> str:
+    """``passes`` with ``reduce_range=true`` on each qdq and int8_dynamic (a pass name is an item without '=')."""
+    items = passes.split(",")
+    out = []
+    for item in items:
+        if "=" not in item.split(":", 1)[0] and item.split(":", 1)[0] in ("qdq", "int8_dynamic"):
+            item = f"{item},reduce_range=true" if ":" in item else f"{item}:reduce_range=true"
+        out.append(item)
+    return ",".join(out)
+
+
 def bench(name: str, runs: int, passes: str, out_dir: Path) -> dict:
     """One model: quantize with both tools, then measure latency, size and fidelity."""
     import onnxopt
@@ -213,7 +231,7 @@ def bench(name: str, runs: int, passes: str, out_dir: Path) -> dict:
     src = _cached(name)
     calib = inputs(name, CALIB, seed=1)
     evals = inputs(name, EVAL_SAMPLES.get(name, EVAL), seed=2)
-    row: dict = {"model": name}
+    row: dict = {"model": name, "cpu_saturates_int8": int8_pairs_saturate()}
     paths = {"fp32": src}
     mine = out_dir / f"{name}.onnxopt.onnx"
     start = time.perf_counter()
@@ -266,6 +284,7 @@ def main() -> None:
     parser.add_argument("--passes", default="", help="one pipeline for every model (default: per model, see above)")
     parser.add_argument("--exports", default=str(EXPORTS), help="folder of the torch exports (minilm)")
     parser.add_argument("--keep", default="", help="folder to keep the quantized models in")
+    parser.add_argument("--reduce-range", action="store_true", help="7-bit weights: reduce_range=true on every qdq / int8_dynamic")
     parser.add_argument("--ort-child", nargs=3, metavar=("SRC", "DST", "CALIB"))
     args = parser.parse_args()
     EXPORTS = Path(args.exports)
@@ -277,6 +296,8 @@ def main() -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         for name in args.models.split(","):
             passes = args.passes or PASSES.get(name, DEFAULT_PASSES)
+            if args.reduce_range:
+                passes = with_reduce_range(passes)
             print(json.dumps(bench(name, args.runs, passes, out_dir)), flush=True)
 
 

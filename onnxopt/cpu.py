@@ -35,10 +35,10 @@ def _host_saturates() -> bool:
     return int8_pairs_saturate(text, platform.machine())
 
 
-def saturation_warning(pass_name: str) -> str:
+def saturation_warning(pass_name: str, remedy: str = "reduce_range=true") -> str:
     """The warning a pass gives when it writes 8-bit weights for CPU kernels on a CPU where they can saturate."""
     return (
         f"{pass_name}: this CPU has AVX2 but no VNNI: onnxruntime's uint8 x int8 kernels add pairs of products in int16 here, "
         "which can saturate with 8-bit weights (PP-OCR cls INT8: cosine 0.993 against 0.9994 with 7-bit ones); "
-        "pass reduce_range=true for a model that will run on such CPUs (VNNI and ARM CPUs are exact either way)"
+        f"pass {remedy} for a model that will run on such CPUs (VNNI and ARM CPUs are exact either way)"
     )

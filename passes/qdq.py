@@ -15,6 +15,8 @@ to about a quarter).
   pools/Resize (QLinearAdd, QLinearMul, ...), a Relu/Clip after a quantized op is absorbed into the
   next Q (zero point 0), a Mul by a positive scalar constant is folded into the DequantizeLinear scale
   (exact), and the layers feeding graph outputs keep float activations with an int8 weight.
+  ``reduce_range`` (default auto, :mod:`onnxopt.passes.qdq_saturation`) gives 7-bit weights to the layers whose
+  uint8 x int8 products would saturate the int16 pair sums of onnxruntime's kernels on x86 CPUs without VNNI.
 
 Before calibration, ``equalize`` (default on, :mod:`onnxopt.passes.qdq_equalize`) rescales Conv -> Conv
 pairs so the tensor between them has even channel ranges (exact in float).
@@ -91,10 +93,12 @@ class QdqOptions(PassOptions):
     damp: float = option(0.01, "gptq: Hessian damping as a fraction of its mean diagonal")
     embeddings: bool = option(True, "ort-cpu/portable: store Gather tables of >= 65536 values as int8 (rows dequantized after lookup)")
     equalize: bool = option(True, "even out the channel ranges of Conv -> Conv tensors first (exact in float; see qdq_equalize)")
-    reduce_range: bool = option(
-        False,
-        "ort-cpu/portable: 7-bit weights (|w| <= 63). onnxruntime's uint8 x int8 kernels on x86 CPUs without VNNI (AVX2, "
-        "AVX-512 without VNNI) add pairs of products in int16, which saturates with 8-bit weights; VNNI and ARM CPUs are exact either way",
+    reduce_range: Literal["auto", "true", "false"] = option(
+        "auto",
+        "7-bit weights (|w| <= 63): auto (ort-cpu; 8 bits elsewhere) for the layers whose uint8 x int8 products would "
+        "saturate on the calibration data, true for every layer, false for none. onnxruntime's kernels on x86 CPUs without "
+        "VNNI (AVX2, AVX-512 without VNNI) add pairs of products in int16, which saturates with 8-bit weights; VNNI and "
+        "ARM CPUs are exact either way",
     )
     slow_convs: bool = option(
         False,
@@ -259,8 +263,10 @@ class QuantizeQDQ(Pass):
         graph = model.graph  # the upgrade replaced the model's contents
         if any(n.op_type in ("If", "Loop", "Scan") for n in graph.node):
             result.notes.append("qdq: If/Loop/Scan bodies are left in float")
-        if target in ("ort-cpu", "portable") and not options.reduce_range and int8_pairs_saturate():
-            result.warnings.append(saturation_warning(PASS_NAME))
+        unprotected = options.reduce_range == "false" or (target == "portable" and options.reduce_range == "auto")
+        if target in ("ort-cpu", "portable") and unprotected and int8_pairs_saturate():
+            remedy = "reduce_range=auto or true" if target == "ort-cpu" else "reduce_range=true"
+            result.warnings.append(saturation_warning(PASS_NAME, remedy))
         data: Any = ctx.calibration
         if options.calib_batches:
             data = _Limited(data, options.calib_batches)
@@ -291,8 +297,9 @@ class QuantizeQDQ(Pass):
         for name in _concat_guard(plan, stats, options.concat_ratio, result):
             blocked |= planner.downstream(name)
         builder = Builder(float_model, is_float, options, target, blocked, stats, data, method=method, per_channel=per_channel, slow=slow)
+        builder.weight_bits = _weight_bits(builder, view, plan, result)
         if options.rounding == "gptq":
-            builder.rounding = _gptq(float_model, view, plan, data, options, per_channel, result)
+            builder.rounding = _gptq(float_model, view, plan, data, options, per_channel, builder.weight_bits, result)
         keep: frozenset[int] = frozenset()
         if options.sensitivity or options.keep_float or options.max_error or options.float_share:
             from onnxopt.passes.qdq_sensitivity import choose_float_layers
@@ -325,6 +332,48 @@ class QuantizeQDQ(Pass):
         return result
 
 
+@dataclass(frozen=True)
+class WeightBits:
+    """The bound of each weight's integers: 63 (7 bits) for every weight (``every``) or those in ``reduced``, else 127."""
+
+    every: bool = False
+    reduced: frozenset[str] = frozenset()
+
+    def qmax(self, weight: str) -> int:
+        """The integer bound of weight ``weight``."""
+        return REDUCED_MAX if self.every or weight in self.reduced else INT8_MAX
+
+
+def _weight_bits(builder: Builder, view: GraphView, plan: Plan, result: PassResult) -> WeightBits:
+    """reduce_range: 7 bits everywhere (true), nowhere (false), or (auto, ort-cpu only) for the layers whose uint8 x int8
+    products saturate an int16 pair sum on the calibration data (:mod:`onnxopt.passes.qdq_saturation`)."""
+    choice = builder.options.reduce_range
+    if choice == "true":
+        return WeightBits(every=True)
+    if choice == "false" or builder.target != "ort-cpu":
+        return WeightBits()  # auto elsewhere: symmetric int8 activations, whose kernels this check does not model
+    from onnxopt.passes.qdq_saturation import UInt8Layer, saturating_layers
+
+    params = _tensor_params(plan, builder.stats, builder.method, builder.options.percentile, builder.symmetric, builder.inputs)
+    layers, weight_of = [], {}
+    for node in plan.anchors:
+        if node.op_type not in ("Conv", "MatMul", "Gemm") or len(node.input) < 2 or node.input[0] not in params:
+            continue
+        weight = const_name(view, node.input[1])
+        if weight is None or weight.dtype != np.float32 or weight.ndim < 2:
+            continue
+        axis = weight_axis(node, weight) if builder.per_channel else None
+        x = params[node.input[0]]
+        integers = quantize_weight(weight, weight_params(weight, axis), INT8_MAX)
+        layers.append(UInt8Layer(node, integers, float(x.scale), int(x.zero_point)))
+        weight_of[node.output[0]] = node.input[1]
+    found = saturating_layers(builder.float_model, layers, builder.data, batch_size=builder.options.batch_size)
+    reduced = frozenset(weight_of[name] for name in found)
+    result.notes.append(f"qdq: reduce_range=auto: 7-bit weights for {len(reduced)} of {len(layers)} layers (int16 pair sums saturate)")
+    result.count("weights_7bit", len(reduced))
+    return WeightBits(reduced=reduced)
+
+
 class Builder:
     """Builds quantized copies of the float model from one set of statistics, with chosen anchors kept float.
 
@@ -353,6 +402,7 @@ class Builder:
         self.inputs = frozenset(i.name for i in float_model.graph.input)
         self.rounding: GptqRounding | None = None  # rounding=gptq; shared by every build of the sensitivity search
         self.slow = slow  # ort-cpu: positions of the convs onnxruntime runs slower in int8 (float compute, int8 weights)
+        self.weight_bits = WeightBits()  # reduce_range: which weights get 7 bits
 
     def planner(self, view: GraphView, keep: frozenset[int] = frozenset(), *, weights: bool = False) -> Planner:
         """The planner of ``view`` with the anchors at positions ``keep`` left float (``weights``: with int8 weights on ort-cpu)."""
@@ -399,14 +449,21 @@ class Builder:
             symmetric=self.symmetric,
             per_channel=self.per_channel,
             rounding=self.rounding,
-            weight_qmax=REDUCED_MAX if self.options.reduce_range else INT8_MAX,
+            weight_bits=self.weight_bits,
         )
         rewrite.apply(result if result is not None else PassResult())
         return model, plan, rewrite
 
 
 def _gptq(
-    float_model: ModelProto, view: GraphView, plan: Plan, data: Any, options: QdqOptions, per_channel: bool, result: PassResult
+    float_model: ModelProto,
+    view: GraphView,
+    plan: Plan,
+    data: Any,
+    options: QdqOptions,
+    per_channel: bool,
+    bits: WeightBits,
+    result: PassResult,
 ) -> GptqRounding:
     """gptq: the GPTQ integers of every quantized layer's weight that GPTQ can round and only that layer reads."""
     layers = []
@@ -418,7 +475,7 @@ def _gptq(
         if len(view.consumers.get(name, [])) != 1:
             continue
         axis = weight_axis(node, weight) if per_channel else None
-        qmax = REDUCED_MAX if options.reduce_range else INT8_MAX
+        qmax = bits.qmax(name)
         layers.append(GptqLayer(node, tuple(weight.shape), (name, axis), weight_params(weight, axis, qmax).scale, qmax))
     if not layers:
         return GptqRounding()
@@ -573,10 +630,11 @@ class _Rewriter:
         symmetric: bool,
         per_channel: bool,
         rounding: GptqRounding | None = None,
-        weight_qmax: int = INT8_MAX,
+        weight_bits: WeightBits | None = None,
     ):
         self.model, self.view, self.names, self.plan, self.params = model, view, names, plan, params
-        self.symmetric, self.per_channel, self.rounding, self.weight_qmax = symmetric, per_channel, rounding, weight_qmax
+        self.symmetric, self.per_channel, self.rounding = symmetric, per_channel, rounding
+        self.weight_bits = weight_bits or WeightBits()
         self.inits: list[TensorProto] = []
         self.front: list[NodeProto] = []
         self.replaced: set[str] = set()
@@ -697,7 +755,7 @@ class _Rewriter:
         axis = weight_axis(node, weight) if self.per_channel else None
         key = (name, axis)
         if (key, folded) not in cache:
-            params = weight_params(weight, axis, self.weight_qmax)
+            params = weight_params(weight, axis, self.weight_bits.qmax(name))
             q_name = self._init(f"{name}_quantized", self._integers(weight, params, key))
             if folded:
                 out = self._cast_mul(q_name, params, name, weight.ndim)
@@ -714,7 +772,7 @@ class _Rewriter:
     def _integers(self, weight: np.ndarray, params: QParams, key: tuple[str, int | None]) -> np.ndarray:
         """int8 values of a weight: GPTQ-rounded when it was (for these scales), else rounded to nearest."""
         q = self.rounding.integers(key, params.scale) if self.rounding else None
-        return q if q is not None else quantize_weight(weight, params, self.weight_qmax)
+        return q if q is not None else quantize_weight(weight, params, self.weight_bits.qmax(key[0]))
 
     def _bias(self, node: NodeProto, wparams: QParams, result: PassResult) -> None:
         if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or not node.input[2]:

@@ -89,7 +89,7 @@ def int8_weights(model: ModelProto) -> list[np.ndarray]:
 def test_qdq_reduce_range_writes_7_bit_weights(rounding: str) -> None:
     model = conv_mlp()
     spec = f"qdq:method=minmax,slow_convs=true,rounding={rounding}"
-    wide = onnxopt.optimize(model, spec, target="ort-cpu", calibration=calibration(model), isolate=False).model
+    wide = onnxopt.optimize(model, spec + ",reduce_range=false", target="ort-cpu", calibration=calibration(model), isolate=False).model
     narrow = onnxopt.optimize(model, spec + ",reduce_range=true", target="ort-cpu", calibration=calibration(model), isolate=False).model
     assert len(int8_weights(narrow)) == len(int8_weights(wide)) >= 3
     assert max(int(np.abs(w).max()) for w in int8_weights(wide)) == 127
@@ -102,10 +102,11 @@ def test_qdq_reduce_range_writes_7_bit_weights(rounding: str) -> None:
 @pytest.mark.parametrize(
     ("passes", "target", "warned"),
     [
-        ("qdq", "ort-cpu", True),
-        ("qdq", "portable", True),
-        ("qdq:reduce_range=true", "ort-cpu", False),
-        ("qdq", "trt", False),
+        ("qdq:reduce_range=false", "ort-cpu", True),
+        ("qdq", "ort-cpu", False),  # auto: the layers that would saturate get 7 bits
+        ("qdq", "portable", True),  # auto checks uint8 activations (ort-cpu) only
+        ("qdq:reduce_range=true", "portable", False),
+        ("qdq:reduce_range=false", "trt", False),
         ("int8_dynamic", "ort-cpu", True),
         ("int8_dynamic:reduce_range=true", "portable", False),
     ],
@@ -115,12 +116,64 @@ def test_a_cpu_that_saturates_gets_a_warning_naming_reduce_range(monkeypatch, pa
     monkeypatch.setattr(int8_dynamic_pass, "int8_pairs_saturate", lambda: True)
     model = conv_mlp()
     result = onnxopt.optimize(model, passes, target=target, calibration=calibration(model), isolate=False)
-    found = [w for w in result.report.warnings if "AVX2 but no VNNI" in w and "reduce_range=true" in w]
+    found = [w for w in result.report.warnings if "AVX2 but no VNNI" in w and "reduce_range=" in w]
     assert bool(found) is warned
 
 
 def test_no_warning_where_the_cpu_is_exact(monkeypatch) -> None:
     monkeypatch.setattr(qdq_pass, "int8_pairs_saturate", lambda: False)
     model = conv_mlp()
-    result = onnxopt.optimize(model, "qdq", target="ort-cpu", calibration=calibration(model), isolate=False)
+    result = onnxopt.optimize(model, "qdq:reduce_range=false", target="ort-cpu", calibration=calibration(model), isolate=False)
     assert not [w for w in result.report.warnings if "VNNI" in w]
+
+
+# ----------------------------------------------------------------------------- reduce_range=auto
+
+
+def test_pair_sums_beyond_int16_are_found_in_either_order_and_alignment() -> None:
+    from onnxopt.passes.qdq_saturation import _pairs_exceed
+
+    a = np.array([[255, 255, 0, 0]], np.int32)
+    assert _pairs_exceed(a, np.array([[127, 127, 0, 0]], np.int32))  # 64770
+    assert not _pairs_exceed(a, np.array([[63, 63, 0, 0]], np.int32))  # 32130
+    assert not _pairs_exceed(a, np.array([[127, 1, 0, 0]], np.int32))  # 32640
+    assert _pairs_exceed(np.array([[0, 255, 255, 0]], np.int32), np.array([[0, -127, -127, 0]], np.int32))  # odd alignment, negative
+    assert not _pairs_exceed(np.array([[255, 0, 255, 0]], np.int32), np.array([[127, 127, 127, 127]], np.int32))
+
+
+def two_layer_mlp() -> ModelProto:
+    """x -> MatMul (dense weights: large neighbouring products) -> Relu -> MatMul (one large weight per column, the rest
+    at most one step: no pair can leave the int16 range) -> y."""
+    sparse = np.full((32, 16), 0.004, np.float32) * np.sign(RNG.standard_normal((32, 16))).astype(np.float32)
+    sparse[RNG.integers(0, 32, 16), np.arange(16)] = 1.0
+    nodes = [
+        helper.make_node("MatMul", ["x", "dense"], ["h"], name="dense"),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "sparse"], ["y0"], name="sparse"),
+        helper.make_node("Relu", ["y0"], ["y"]),
+    ]
+    inits = [init("dense", np.abs(RNG.standard_normal((24, 32))).astype(np.float32)), init("sparse", sparse)]
+    return make_model(nodes, [tensor_input("x", [4, 24])], [tensor_input("y", [4, 16])], inits, opset=17)
+
+
+def test_auto_gives_7_bits_only_to_the_layer_whose_pairs_saturate_and_onnxruntime_is_then_exact() -> None:
+    """With reduce_range=auto the QOperator model computes what the Q/DQ arithmetic says on any CPU (the dense layer
+    would saturate on AVX2 without VNNI), while the layer that cannot saturate keeps 8-bit weights."""
+    import onnxruntime as ort
+
+    model = two_layer_mlp()
+    x = np.abs(np.random.default_rng(5).standard_normal((32, 24))).astype(np.float32) + 1.0  # large, all positive
+    data = CalibrationData.from_arrays({"x": x}, model=model)
+    result = onnxopt.optimize(model, "qdq:method=minmax,keep_outputs=false,qoperator", target="ort-cpu", calibration=data, isolate=False)
+    qdq_step = result.report.passes[-2]
+    assert qdq_step.counts["weights_7bit"] == 1 and any("7-bit weights for 1 of 2 layers" in n for n in result.report.notes)
+    weights = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer if t.data_type == TensorProto.INT8}
+    bounds = sorted(int(np.abs(w).max()) for w in weights.values() if w.ndim == 2)
+    assert bounds == [63, 127]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    qdq_only = onnxopt.optimize(model, "qdq:method=minmax,keep_outputs=false", target="ort-cpu", calibration=data, isolate=False).model
+    feeds = {"x": x[:4]}
+    exact = run_model(qdq_only, feeds)["y"]  # Q/DQ without graph optimizations: float arithmetic on the integers
+    got = ort.InferenceSession(result.model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_allclose(got, exact, rtol=0, atol=float(np.abs(exact).max()) * 1e-4)  # 8-bit: 4e-3 off here on AVX2
