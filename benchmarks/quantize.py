@@ -213,12 +213,11 @@ def fidelity(name: str, ref: list[np.ndarray], got: list[np.ndarray], feeds: dic
 
 
 def with_reduce_range(passes: str) -> str:
-    """``passes`` with ``reduce_range=true`` on each qdq and int8_dynamic (a pass name is an item without '=')."""
-    items = passes.split(",")
+    """``passes`` with ``reduce_range=true`` on each qdq and int8_dynamic (``qdq:a=1,b=2``: options follow the name)."""
     out = []
-    for item in items:
-        if "=" not in item.split(":", 1)[0] and item.split(":", 1)[0] in ("qdq", "int8_dynamic"):
-            item = f"{item},reduce_range=true" if ":" in item else f"{item}:reduce_range=true"
+    for item in passes.split(","):
+        if item.split(":", 1)[0] in ("qdq", "int8_dynamic"):
+            item += ",reduce_range=true" if ":" in item else ":reduce_range=true"
         out.append(item)
     return ",".join(out)
 

@@ -22,6 +22,7 @@ import numpy as np
 from onnx import ModelProto, NodeProto
 
 from onnxopt.calibration.capture import layer_rows, stream_values
+from onnxopt.passes.noop_rules import get_attr
 
 INT16_MAX = 32767
 ROWS_PER_BATCH = 512  # rows of a layer checked per calibration batch (a seeded random subset of a convolution's)
@@ -61,7 +62,8 @@ def _saturates(layer: UInt8Layer, x: np.ndarray, rng: np.random.Generator) -> bo
     time, so a batch's im2col is never held whole)."""
     chunks = [x[i : i + 1] for i in range(len(x))] if layer.node.op_type == "Conv" else [x]
     keep = max(1, ROWS_PER_BATCH // len(chunks))
-    weights, orders = _weight_rows(layer), _k_orders(layer)
+    weights = _weight_rows(layer)
+    orders = _k_orders(layer, weights[0].shape[1])
     for chunk in chunks:
         rows = layer_rows(layer.node, chunk.astype(np.float32), layer.weight.shape)  # [groups, R, K]
         if rows.shape[1] > keep:
@@ -77,22 +79,19 @@ def _weight_rows(layer: UInt8Layer) -> list[np.ndarray]:
     """The weight as ``[groups] x [N, K]`` int32 rows, K in :func:`layer_rows`' column order."""
     w = layer.weight.astype(np.int32)
     if layer.node.op_type == "Conv":
-        groups = _attr(layer.node, "group", 1)
+        groups = int(get_attr(layer.node, "group", 1))  # type: ignore[arg-type]
         per_group = w.shape[0] // groups
         return [w[g * per_group : (g + 1) * per_group].reshape(per_group, -1) for g in range(groups)]
-    trans_b = layer.node.op_type == "Gemm" and _attr(layer.node, "transB", 0)
+    trans_b = layer.node.op_type == "Gemm" and get_attr(layer.node, "transB", 0)
     return [w if trans_b else w.T]
 
 
-def _k_orders(layer: UInt8Layer) -> list[np.ndarray]:
-    """Column orders of K to check: as stored, and for a convolution also kernel-position-major (NHWC im2col)."""
-    k = int(np.prod(layer.weight.shape[1:])) if layer.node.op_type == "Conv" else None
-    if k is None:
-        n = layer.weight.shape[0] if not (layer.node.op_type == "Gemm" and _attr(layer.node, "transB", 0)) else layer.weight.shape[1]
-        return [np.arange(n)]
-    channels, taps = layer.weight.shape[1], int(np.prod(layer.weight.shape[2:]))
+def _k_orders(layer: UInt8Layer, k: int) -> list[np.ndarray]:
+    """Column orders of the K = ``k`` columns to check: as stored, and for a convolution with a kernel larger than 1 also
+    kernel-position-major (NHWC im2col)."""
     stored = np.arange(k)
-    return [stored] if taps == 1 else [stored, stored.reshape(channels, taps).T.reshape(-1)]
+    taps = int(np.prod(layer.weight.shape[2:])) if layer.node.op_type == "Conv" else 1
+    return [stored] if taps == 1 else [stored, stored.reshape(-1, taps).T.reshape(-1)]
 
 
 def _pairs_exceed(a: np.ndarray, w: np.ndarray) -> bool:
@@ -109,7 +108,3 @@ def _pairs_exceed(a: np.ndarray, w: np.ndarray) -> bool:
         if int(np.abs(sums).max()) > INT16_MAX:
             return True
     return False
-
-
-def _attr(node: NodeProto, name: str, default: int) -> int:
-    return next((a.i for a in node.attribute if a.name == name), default)
